@@ -1,0 +1,35 @@
+# Each target creates or updates .venv by itself. torch is installed first, pinned, so that pip
+# never resolves the torch requirement itself (any other spec pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fxq-stamp
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: test demo bench fashion-mnist train clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/fxq demo
+
+# The real Fashion-MNIST test set (10k images) comes from Debian's package; bench and train need it.
+fashion-mnist:
+	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+bench: $(STAMP) fashion-mnist
+	$(BIN)/python tools/bench.py
+
+train: $(STAMP) fashion-mnist
+	$(BIN)/python tools/train_zoo.py --model all
+
+clean:
+	rm -rf $(VENV) build *.egg-info

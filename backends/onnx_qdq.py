@@ -1,0 +1,258 @@
+"""ONNX QDQ exporter: the integer IR as a QuantizeLinear/DequantizeLinear model ONNX Runtime runs exactly.
+
+Every narrow tensor is an ONNX int8 tensor with scale 2**-frac. Unsigned codes 0..255 travel as int8
+with zero point -128 (same values): with uint8 activations ONNX Runtime fuses Conv into a u8s8 kernel
+whose int16 pairwise sums saturate on CPUs without AVX-VNNI (DESIGN §3), while s8s8 is exact under the
+default session options; tests/test_exact.py covers full-range codes.
+
+ORT's fused integer kernels are still not trusted in general: on these CPUs a QLinearConv with s8
+activations was found off by a code (a 1x1 conv with 4 input channels; hypothesis found it). So a layer
+goes to ORT's int8 kernels only where no int16 pairwise sum can saturate, i.e. 255 * (the two largest
+|weight codes| of a filter) <= 32767; otherwise its weight codes travel as int16, which ORT has no
+integer kernel for, and it runs DequantizeLinear -> float Conv/Gemm -> QuantizeLinear: exact below 2**24.
+
+Exactness rests on two facts the verifier supplies: every scale is a power of two, and every
+accumulator stays below 2**24, so ORT's float32 requantization and float32 fallback paths hold
+the exact integer. Clamps narrower than the dtype are Clip nodes on exact float values (rounding is
+monotonic, so clip-then-round equals round-then-clip).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fxq.errors import ExportError
+from fxq.formats import DTYPE_RANGES, exp2, onnx_exact_rounding
+from fxq.ir import Graph, Node, Op, TensorType
+
+OPSET = 21
+IR_VERSION = 10
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "output"
+# How each IR code dtype travels in ONNX: (ONNX element type, numpy dtype, zero point).
+CARRIERS = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.INT8, np.int8, -128)}
+INT16_MAX = 2**15 - 1
+ACT_CODE_SPAN = 255      # largest |code| an int8 kernel may see after re-biasing activations to u8
+
+
+def int8_kernel_safe(w: np.ndarray) -> bool:
+    """True when no pair of products of a filter can saturate an int16 (ORT's u8s8/s8s8 kernels)."""
+    mags = np.sort(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1), axis=1)
+    top2 = mags[:, -2:].sum(axis=1) if mags.shape[1] > 1 else mags[:, -1]
+    return bool(np.all(ACT_CODE_SPAN * top2 <= INT16_MAX))
+
+
+class _Builder:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.types = g.types()
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.dq_cache: dict[str, str] = {}
+
+    # -- constants ---------------------------------------------------------------------------
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(np.asarray(value), name)
+        return name
+
+    def scale(self, frac) -> str:
+        if isinstance(frac, tuple):
+            key = "scale_" + "_".join(str(f) for f in frac)
+            return self.const(key, np.array([exp2(-f) for f in frac], np.float32))
+        return self.const(f"scale_{frac}".replace("-", "m"), np.array(exp2(-frac), np.float32))
+
+    def zero_point(self, dtype: str) -> str:
+        _, np_t, zp = self._carrier(dtype)
+        return self.const(f"zp_{dtype}", np.array(zp, np_t))
+
+    def _carrier(self, dtype: str):
+        if dtype not in CARRIERS:
+            raise ExportError(f"codes of dtype {dtype} have no exact ONNX QDQ form here; supported: {sorted(CARRIERS)}")
+        return CARRIERS[dtype]
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    # -- QDQ building blocks -------------------------------------------------------------------
+    def dq(self, tensor: str) -> str:
+        """Float view of an integer tensor (one DequantizeLinear per tensor, shared by its users)."""
+        if tensor not in self.dq_cache:
+            t = self.types[tensor]
+            self.dq_cache[tensor] = self.node("DequantizeLinear", [tensor, self.scale(t.frac), self.zero_point(t.dtype)],
+                                              f"{tensor}_dq")
+        return self.dq_cache[tensor]
+
+    def q(self, value: str, out: TensorType, name: str) -> str:
+        """Quantize a float tensor to ``out``: Clip first where the code range is narrower than the dtype."""
+        full = DTYPE_RANGES[out.dtype]
+        if (out.lo, out.hi) != (full.lo, full.hi):
+            lo = self.const(f"{name}_clip_lo", np.array(out.lo * exp2(-out.frac), np.float32))
+            hi = self.const(f"{name}_clip_hi", np.array(out.hi * exp2(-out.frac), np.float32))
+            value = self.node("Clip", [value, lo, hi], f"{name}_clip")
+        return self.node("QuantizeLinear", [value, self.scale(out.frac), self.zero_point(out.dtype)], name)
+
+    def code_const(self, name: str, t: TensorType, code: int) -> str:
+        """A scalar in ``t``'s carrier domain for the integer ``code`` (for Pad and Clip on codes)."""
+        _, np_t, zp = self._carrier(t.dtype)
+        return self.const(name, np.array(code + zp, np_t))
+
+    # -- ops -------------------------------------------------------------------------------------
+    def emit(self, n: Node, consumers: dict[str, list[Node]]) -> None:
+        ins = n.inputs
+        if n.op is Op.QUANTIZE:
+            self.q(ONNX_INPUT, n.out, n.name)
+        elif n.op in (Op.CONV2D_INT, Op.LINEAR_INT):
+            users = consumers.get(n.name, [])
+            if len(users) != 1 or users[0].op is not Op.REQUANT:
+                raise ExportError(f"IR node %{n.name}: an accumulator must feed exactly one requant to export as QDQ")
+        elif n.op is Op.REQUANT:
+            self.weighted(self.g.node(ins[0]), n)
+        elif n.op is Op.ADD_INT:
+            total = self.node("Add", [self.dq(ins[0]), self.dq(ins[1])], f"{n.name}_sum")
+            self.q(total, n.out, n.name)
+        elif n.op is Op.AVGPOOL_INT:
+            self.avgpool(n)
+        elif n.op is Op.MAXPOOL_INT:
+            a = n.attrs
+            (ph, pw) = a["padding"]
+            self.node("MaxPool", [ins[0]], n.name, kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                      pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        elif n.op is Op.RESHAPE:
+            shape = self.const(f"{n.name}_shape", np.array(n.attrs["shape"], np.int64))
+            self.node("Reshape", [ins[0], shape], n.name)
+        elif n.op is Op.CONCAT_INT:
+            self.node("Concat", list(ins), n.name, axis=int(n.attrs["axis"]))
+        elif n.op is Op.PAD_INT:
+            p, rank = n.attrs["pads"], len(n.out.shape)
+            begin, end = [0] * rank, [0] * rank
+            for i in range(len(p) // 2):
+                begin[rank - 1 - i], end[rank - 1 - i] = p[2 * i], p[2 * i + 1]
+            pads = self.const(f"{n.name}_pads", np.array(begin + end, np.int64))
+            self.node("Pad", [ins[0], pads, self.code_const(f"{n.name}_zero", n.out, 0)], n.name, mode="constant")
+        elif n.op is Op.CLAMP_INT:
+            lo = self.code_const(f"{n.name}_lo", n.out, n.attrs["lo"])
+            hi = self.code_const(f"{n.name}_hi", n.out, n.attrs["hi"])
+            self.node("Clip", [ins[0], lo, hi], n.name)
+        elif n.op is Op.DEQUANTIZE:
+            t = self.types[ins[0]]
+            self.node("DequantizeLinear", [ins[0], self.scale(t.frac), self.zero_point(t.dtype)], ONNX_OUTPUT)
+        else:
+            raise ExportError(f"IR node %{n.name}: the ONNX exporter has no form for op {n.op.value}")
+
+    def weighted(self, acc: Node, rq: Node) -> None:
+        w, b = acc.consts["w"], acc.consts["b"]
+        if w.dtype not in (np.int8, np.int16):
+            raise ExportError(f"IR node %{acc.name}: {w.dtype} weights have no QDQ form here")
+        w_frac = tuple(int(f) for f in acc.attrs["w_frac"])
+        acc_frac = tuple(int(f) for f in acc.out.frac)
+        zw = self.const(f"{acc.name}_w_zp", np.zeros(len(w_frac), np.int8))
+        zb = self.const(f"{acc.name}_b_zp", np.zeros(len(w_frac), np.int32))
+        if not int8_kernel_safe(w):
+            w = w.astype(np.int16)
+            zw = self.const(f"{acc.name}_w_zp16", np.zeros(len(w_frac), np.int16))
+        wq = self.const(f"{acc.name}_w", w)
+        bq = self.const(f"{acc.name}_b", b.astype(np.int32))
+        if acc.op is Op.CONV2D_INT:
+            wd = self.node("DequantizeLinear", [wq, self.scale(w_frac), zw], f"{acc.name}_w_dq", axis=0)
+            bd = self.node("DequantizeLinear", [bq, self.scale(acc_frac), zb], f"{acc.name}_b_dq", axis=0)
+            a = acc.attrs
+            ph, pw = a["padding"]
+            y = self.node("Conv", [self.dq(acc.inputs[0]), wd, bd], acc.name, strides=list(a["stride"]),
+                          pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]),
+                          kernel_shape=list(w.shape[2:]))
+        else:
+            wd = self.node("DequantizeLinear", [wq, self.scale(w_frac), zw], f"{acc.name}_w_dq", axis=0)
+            bd = self.node("DequantizeLinear", [bq, self.scale(acc_frac), zb], f"{acc.name}_b_dq", axis=0)
+            y = self.node("Gemm", [self.dq(acc.inputs[0]), wd, bd], acc.name, transB=1)
+        self.q(y, rq.out, rq.name)
+
+    def avgpool(self, n: Node) -> None:
+        """Window sum times 2**-k as a depthwise QDQ Conv with weight codes 1 at scale 2**-k.
+
+        Float constant weights are not safe: ONNX Runtime quantizes them itself, with a scale that is
+        not a power of two. Integer codes of 1 leave it nothing to approximate.
+        """
+        a, x = n.attrs, self.types[n.inputs[0]]
+        channels = x.shape[1]
+        kh, kw = a["kernel"]
+        ones = self.const(f"{n.name}_window", np.ones((channels, 1, kh, kw), np.int8))
+        zero = self.const("zp_weight", np.array(0, np.int8))
+        window = self.node("DequantizeLinear", [ones, self.scale(a["divisor_log2"]), zero], f"{n.name}_window_dq")
+        ph, pw = a["padding"]
+        y = self.node("Conv", [self.dq(n.inputs[0]), window], f"{n.name}_sum", group=channels,
+                      kernel_shape=[kh, kw], strides=list(a["stride"]), pads=[ph, pw, ph, pw])
+        self.q(y, n.out, n.name)
+
+
+def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) -> onnx.ModelProto:
+    """The QDQ model; ``debug_outputs`` adds every integer tensor as an output named after its IR node
+    (its carrier codes), to find where executors part ways. Extra outputs can change ORT's fusions."""
+    rounding = g.target.get("rounding", "half_even") if g.target else "half_even"
+    if not onnx_exact_rounding(rounding):
+        raise ExportError(f"target rounding {rounding!r}: ONNX QuantizeLinear rounds half to even only, so this "
+                          f"model cannot be exported exactly; compile with rounding='half_even'")
+    risky = g.fp32_inexact()
+    if risky and not allow_inexact:
+        raise ExportError(f"accumulators of {risky} can exceed 2**24, where ONNX Runtime's float32 requantization "
+                          f"could round; pass allow_inexact=True to export anyway")
+    b = _Builder(g)
+    consumers: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    for n in g.nodes:
+        b.emit(n, consumers)
+    in_t, out_t = g.input_type, g.types()[g.output]
+    dims = lambda s: ["N" if d is None else d for d in s]  # noqa: E731
+    graph = helper.make_graph(
+        b.nodes, "fxq", [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, dims(in_t.shape))],
+        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, dims(out_t.shape))], list(b.inits.values()))
+    if debug_outputs:
+        produced = {o for nd in b.nodes for o in nd.output}
+        for n in g.nodes:
+            if n.name in produced and n.out.dtype in CARRIERS:
+                graph.output.append(helper.make_tensor_value_info(n.name, TensorProto.INT8, dims(n.out.shape)))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export(g: Graph, path, allow_inexact: bool = False, debug_outputs: bool = False) -> onnx.ModelProto:
+    model = build(g, allow_inexact, debug_outputs)
+    onnx.save(model, str(path))
+    return model
+
+
+def output_codes(g: Graph, onnx_output: np.ndarray) -> np.ndarray:
+    """Codes of ORT's float output: exact, because the output is (code - zp) * 2**-frac in float32."""
+    frac = g.types()[g.node(g.output).inputs[0]].frac
+    return np.rint(onnx_output.astype(np.float64) * exp2(frac)).astype(np.int64)
+
+
+def session(model_or_path, optimized: bool = True, threads: int = 1):
+    """An ONNX Runtime CPU session with the default graph optimisations (the setting exactness is tested in)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def run_codes(g: Graph, model_or_path, x: np.ndarray, optimized: bool = True) -> np.ndarray:
+    out = session(model_or_path, optimized).run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0]
+    return output_codes(g, out)
+
+
+def debug_codes(g: Graph, x: np.ndarray, optimized: bool = True) -> dict[str, np.ndarray]:
+    """Every integer tensor's codes as ONNX Runtime computes them (from a debug_outputs export)."""
+    sess = session(build(g, debug_outputs=True), optimized)
+    names = [o.name for o in sess.get_outputs() if o.name != ONNX_OUTPUT]
+    outs = sess.run(names, {ONNX_INPUT: np.asarray(x, np.float32)})
+    types = g.types()
+    return {n: o.astype(np.int64) - CARRIERS[types[n].dtype][2] for n, o in zip(names, outs)}

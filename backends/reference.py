@@ -1,0 +1,200 @@
+"""Reference backend: executes the integer IR in numpy, bit-exactly, one small class per op.
+
+Codes travel as int64 arrays. Integer GEMMs run in float64 BLAS when the verifier's accumulator
+bound proves every partial sum is an integer below 2**53 (exact), and in int64 otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from fxq.errors import InputError
+from fxq.formats import FP64_EXACT_BITS, IntRange, Rounding, exp2, quantize_np, requant_np
+from fxq.ir import Graph, Node, Op
+
+BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
+ROWS_PER_CHUNK = 1 << 15            # im2col rows per GEMM call: bounds memory on large batches
+
+
+def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """a @ b for integer arrays; float64 BLAS when no sum can reach 2**53, else int64."""
+    if bound < BLAS_EXACT_LIMIT:
+        return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
+    return np.matmul(a.astype(np.int64), b.astype(np.int64))
+
+
+class OpRun:
+    op: Op
+
+    def run(self, node: Node, *xs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def out_range(node: Node) -> IntRange:
+        return IntRange(node.out.lo, node.out.hi)
+
+
+class Quantize(OpRun):
+    op = Op.QUANTIZE
+
+    def run(self, node, x):
+        return quantize_np(x.astype(np.float32), node.out.frac, self.out_range(node), Rounding(node.attrs["rounding"]))
+
+
+class Dequantize(OpRun):
+    op = Op.DEQUANTIZE
+
+    def run(self, node, x, frac=None):
+        return x.astype(np.float64) * exp2(-frac)
+
+
+class Conv2dInt(OpRun):
+    op = Op.CONV2D_INT
+
+    def run(self, node, x):
+        a, w, b = node.attrs, node.consts["w"].astype(np.int64), node.consts["b"].astype(np.int64)
+        (ph, pw), (sh, sw), (dh, dw), groups = a["padding"], a["stride"], a["dilation"], a["groups"]
+        out_c, cg, kh, kw = w.shape
+        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                    # [N, C, OH, OW, KH, KW]
+        n, _, oh, ow = win.shape[:4]
+        cols = win.reshape(n, groups, cg, oh, ow, kh * kw).transpose(1, 0, 3, 4, 2, 5).reshape(groups, n * oh * ow, cg * kh * kw)
+        wg = w.reshape(groups, out_c // groups, cg * kh * kw).transpose(0, 2, 1)
+        bound = node.out.max_abs
+        parts = [_exact_matmul(cols[:, i:i + ROWS_PER_CHUNK], wg, bound) for i in range(0, cols.shape[1], ROWS_PER_CHUNK)]
+        acc = np.concatenate(parts, axis=1)                        # [G, N*OH*OW, O/G]
+        acc = acc.reshape(groups, n, oh, ow, out_c // groups).transpose(1, 0, 4, 2, 3).reshape(n, out_c, oh, ow)
+        return acc + b[None, :, None, None]
+
+
+class LinearInt(OpRun):
+    op = Op.LINEAR_INT
+
+    def run(self, node, x):
+        w, b = node.consts["w"].astype(np.int64), node.consts["b"].astype(np.int64)
+        return _exact_matmul(x, w.T, node.out.max_abs) + b
+
+
+def _channel_shift(node: Node, x: np.ndarray) -> np.ndarray:
+    shift = np.asarray(node.attrs["shift"], dtype=np.int64)
+    return shift.reshape((1, -1) + (1,) * (x.ndim - 2)) if shift.ndim else shift
+
+
+class Requant(OpRun):
+    op = Op.REQUANT
+
+    def run(self, node, acc):
+        return requant_np(acc, _channel_shift(node, acc), self.out_range(node), Rounding(node.attrs["rounding"]))
+
+
+class AddInt(OpRun):
+    op = Op.ADD_INT
+
+    def run(self, node, a, b):
+        sa, sb = node.attrs["align"]
+        total = (a.astype(np.int64) << sa) + (b.astype(np.int64) << sb)
+        return requant_np(total, node.attrs["shift"], self.out_range(node), Rounding(node.attrs["rounding"]))
+
+
+class AvgPoolInt(OpRun):
+    op = Op.AVGPOOL_INT
+
+    def run(self, node, x):
+        a = node.attrs
+        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        sums = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw].sum(axis=(-1, -2), dtype=np.int64)
+        return requant_np(sums, a["shift"], self.out_range(node), Rounding(a["rounding"]))
+
+
+class MaxPoolInt(OpRun):
+    op = Op.MAXPOOL_INT
+
+    def run(self, node, x):
+        a = node.attrs
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+        if a["ceil_mode"]:
+            h, w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+            eh, ew = (-(h - (kh - 1) * dh - 1)) % sh, (-(w - (kw - 1) * dw - 1)) % sw
+        else:
+            eh = ew = 0
+        pad_value = np.iinfo(np.int64).min          # never wins a max, like -inf in float
+        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=pad_value)
+        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+        oh, ow = node.out.shape[2], node.out.shape[3]
+        return win.max(axis=(-1, -2))[:, :, :oh, :ow]
+
+
+class ConcatInt(OpRun):
+    op = Op.CONCAT_INT
+
+    def run(self, node, *xs):
+        return np.concatenate(xs, axis=node.attrs["axis"])
+
+
+class PadInt(OpRun):
+    op = Op.PAD_INT
+
+    def run(self, node, x):
+        p = node.attrs["pads"]                      # torch order: last dim first, (before, after) pairs
+        widths = [(0, 0)] * x.ndim
+        for i in range(len(p) // 2):
+            widths[x.ndim - 1 - i] = (p[2 * i], p[2 * i + 1])
+        return np.pad(x, widths)
+
+
+class ClampInt(OpRun):
+    op = Op.CLAMP_INT
+
+    def run(self, node, x):
+        return np.clip(x, node.attrs["lo"], node.attrs["hi"])
+
+
+class Reshape(OpRun):
+    op = Op.RESHAPE
+
+    def run(self, node, x):
+        return x.reshape(node.attrs["shape"])
+
+
+OPS = {cls.op: cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt, AvgPoolInt,
+                                 MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape)}
+
+
+def check_input(g: Graph, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    want = g.input_type.shape
+    if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape)):
+        dims = ", ".join("N" if d is None else str(d) for d in want)
+        raise InputError(f"input '{g.input_name}' has shape {list(x.shape)}; this model takes [{dims}]")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"input '{g.input_name}' has dtype {x.dtype}; pass float values (they are quantized inside)")
+    return x
+
+
+def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray]:
+    """Run the graph; returns the output (float64) and, with ``keep``, every tensor's codes by name."""
+    env = {g.input_name: check_input(g, x)}
+    types = g.types()
+    for node in g.nodes:
+        missing = [i for i in node.inputs if i not in env]
+        if missing:
+            raise InputError(f"IR node %{node.name} reads {missing}, not yet computed")
+        if node.op not in OPS:
+            raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
+        xs = [env[i] for i in node.inputs]
+        if node.op is Op.DEQUANTIZE:
+            env[node.name] = OPS[node.op].run(node, xs[0], frac=types[node.inputs[0]].frac)
+        else:
+            env[node.name] = OPS[node.op].run(node, *xs)
+    return env if keep else {g.output: env[g.output], "codes": env[g.node(g.output).inputs[0]]}
+
+
+def run(g: Graph, x: np.ndarray) -> np.ndarray:
+    return execute(g, x)[g.output]
+
+
+def run_codes(g: Graph, x: np.ndarray) -> np.ndarray:
+    """Integer codes of the tensor the graph dequantizes at its output."""
+    return execute(g, x)["codes"]

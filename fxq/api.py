@@ -1,0 +1,158 @@
+"""fxq.compile and the QuantizedModel it returns."""
+from __future__ import annotations
+
+import copy
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import meta
+from .context import CompileContext
+from .errors import CalibrationError, InputError, LoadError
+from .formats import exp2
+from .ir import Graph, Op
+from .lower import lower
+from .pipeline import run_passes
+from .targets import Target, get_target
+from .trace import trace
+
+
+def _as_batches(calib_data, batch_size: int) -> list[torch.Tensor] | None:
+    """DataLoader, list of tensors or (x, y) pairs, or one tensor -> list of input batches."""
+    if calib_data is None:
+        return None
+    if isinstance(calib_data, np.ndarray):
+        calib_data = torch.from_numpy(calib_data)
+    if isinstance(calib_data, torch.Tensor):
+        if calib_data.dim() == 0 or calib_data.shape[0] == 0:
+            raise CalibrationError("calibration data is empty (a tensor with no samples)")
+        return list(calib_data.split(batch_size))
+    batches = []
+    for item in calib_data:
+        if isinstance(item, (tuple, list)):
+            item = item[0]                        # (inputs, labels) from a DataLoader
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(item)
+        batches.append(item)
+    return batches
+
+
+def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int", *,
+            example_input: torch.Tensor | None = None, input_shape: tuple | None = None,
+            input_range: tuple[float, float] | None = None, progress: bool = True, seed: int = 0,
+            calib_batch_size: int = 64, **overrides) -> "QuantizedModel":
+    """Quantize ``model`` for ``target``; returns a QuantizedModel (fake-quant, IR, backends).
+
+    ``calib_data``: a DataLoader, a list of batches, or a tensor of samples; None derives activation
+    formats from the folded BatchNorm statistics (then give ``example_input`` or ``input_shape``,
+    and preferably ``input_range``). ``overrides`` replace target fields (``w_bits=4`` ...).
+    """
+    from .passes import PIPELINE
+    from .passes.calibrate import check_batches
+
+    tgt = get_target(target, **overrides)
+    batches = _as_batches(calib_data, calib_batch_size)
+    if example_input is None:
+        if batches:
+            example_input = batches[0][:1]
+        elif input_shape is not None:
+            example_input = torch.zeros((1,) + tuple(input_shape[1:] if len(input_shape) == 4 else input_shape))
+        elif batches is not None:
+            check_batches(batches, torch.zeros(1))
+        else:
+            raise CalibrationError("without calibration data fxq needs example_input= or input_shape= "
+                                   "to know the model's input")
+    if input_range is not None and example_input is not None and batches is None:
+        lo, hi = input_range
+        example_input = torch.linspace(lo, hi, example_input.numel()).reshape(example_input.shape)
+    batches = check_batches(batches, example_input)
+    model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
+    ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed)
+    gm = run_passes(trace(model), ctx, PIPELINE)
+    ir = lower(gm, tgt)
+    return QuantizedModel(ir, gm, tgt, ctx.notes, reference=model)
+
+
+class QuantizedModel:
+    """The compiled model: ``qm(x)`` fake-quant torch, ``qm.run(x)`` integer reference, ``qm.ir``."""
+
+    def __init__(self, ir: Graph, fake: torch.fx.GraphModule | None, target: Target | dict, notes: list[str],
+                 reference: nn.Module | None = None):
+        self.ir = ir
+        self.fake = fake
+        self.target = target
+        self.notes = list(notes)
+        self._float = reference
+
+    # -- execution ---------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quant forward in torch (float32); after fxq.load, the integer backend's output."""
+        if self.fake is None:
+            return torch.from_numpy(self.run(x.detach().cpu().numpy())).float()
+        self._check(x)
+        with torch.no_grad():
+            return self.fake(x.float())
+
+    def fake_codes(self, x: torch.Tensor) -> np.ndarray:
+        """Output codes from the fake-quant model run in float64, where its sums are exact."""
+        if self.fake is None:
+            raise InputError("this model was loaded from disk and has no fake-quant torch graph; use run_codes")
+        self._check(x)
+        fake64 = copy.deepcopy(self.fake).double()
+        with torch.no_grad():
+            out = fake64(x.double()).numpy()
+        frac = self.ir.types()[self.ir.node(self.ir.output).inputs[0]].frac
+        return np.rint(out * exp2(frac)).astype(np.int64)
+
+    def run(self, x) -> np.ndarray:
+        """The integer reference backend: float input, float64 output (dequantized codes)."""
+        from .backends import reference
+        return reference.run(self.ir, _numpy(x))
+
+    def run_codes(self, x) -> np.ndarray:
+        from .backends import reference
+        return reference.run_codes(self.ir, _numpy(x))
+
+    def _check(self, x):
+        from .backends.reference import check_input
+        check_input(self.ir, _numpy(x[:1]) if isinstance(x, torch.Tensor) else x)
+
+    # -- inspection and export ---------------------------------------------------------------------
+    def report(self, x: torch.Tensor | None = None):
+        from .report import build_report
+        return build_report(self, x)
+
+    def export_onnx(self, path, **kwargs):
+        from .backends.onnx_qdq import export
+        return export(self.ir, path, **kwargs)
+
+    def save(self, path) -> None:
+        self.ir.save(path)
+        with zipfile.ZipFile(path, "a") as z:
+            z.writestr("notes.json", json.dumps({"notes": self.notes}))
+
+    def __repr__(self) -> str:
+        name = self.target.name if isinstance(self.target, Target) else self.target.get("name")
+        return f"QuantizedModel(target={name!r}, {len(self.ir.nodes)} IR nodes)"
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def load(path) -> QuantizedModel:
+    """Load a model saved by ``QuantizedModel.save`` (JSON + npz; nothing is unpickled)."""
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    ir = Graph.load(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            notes = json.loads(z.read("notes.json")).get("notes", []) if "notes.json" in z.namelist() else []
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise LoadError(f"{path}: unreadable notes ({exc})") from exc
+    return QuantizedModel(ir, None, ir.target, notes)

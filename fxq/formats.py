@@ -1,0 +1,203 @@
+"""Every number format and rounding rule of fxq, in one place.
+
+A quantized value is ``code * 2**-frac``. The fake-quant torch model, the numpy reference backend and
+the ONNX exporter all call the functions here, so they cannot disagree on a tie or a saturation.
+Nothing else in fxq should write ``round(``, ``>>`` or an integer limit such as 127.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class Rounding(str, enum.Enum):
+    HALF_EVEN = "half_even"   # banker's rounding: what ONNX QuantizeLinear and torch.round do
+    HALF_UP = "half_up"       # ties toward +inf: cheapest in hardware (add half, shift)
+    HALF_AWAY = "half_away"   # ties away from zero
+    FLOOR = "floor"           # plain arithmetic shift, no rounding adder
+
+
+# ONNX QuantizeLinear rounds half to even, so this default is what makes the QDQ export exact.
+DEFAULT_ROUNDING = Rounding.HALF_EVEN
+
+ACC_BITS = 32            # accumulator width of every built-in target
+FP32_EXACT_BITS = 24     # float32 holds every integer of magnitude <= 2**24 exactly
+FP64_EXACT_BITS = 53     # float64 likewise, for BLAS-backed exact integer GEMM
+FRAC_LIMITS = (-64, 96)  # fractional lengths outside this are a bug, not a format
+
+
+@dataclass(frozen=True)
+class IntRange:
+    lo: int
+    hi: int
+
+    def clip_np(self, codes: np.ndarray) -> np.ndarray:
+        return np.clip(codes, self.lo, self.hi)
+
+    @property
+    def max_abs(self) -> int:
+        return max(abs(self.lo), abs(self.hi))
+
+
+def int_range(bits: int, signed: bool, symmetric: bool = False) -> IntRange:
+    """Code range of a ``bits``-wide integer; ``symmetric`` drops -2**(bits-1) (weights use it)."""
+    if bits < 1 or bits > 32:
+        raise ValueError(f"bit width must be in 1..32, got {bits}")
+    if not signed:
+        return IntRange(0, 2**bits - 1)
+    hi = 2 ** (bits - 1) - 1
+    return IntRange(-hi if symmetric else -hi - 1, hi)
+
+
+ACC_RANGE = int_range(ACC_BITS, signed=True)
+
+# The storage dtype each code width lives in; narrower codes (4-bit, ternary) are stored in 8 bits.
+def storage_dtype(bits: int, signed: bool) -> str:
+    if bits <= 8:
+        return "int8" if signed else "uint8"
+    if bits <= 16:
+        return "int16" if signed else "uint16"
+    return "int32"
+
+
+DTYPE_RANGES = {
+    "int8": int_range(8, True), "uint8": int_range(8, False),
+    "int16": int_range(16, True), "uint16": int_range(16, False),
+    "int32": int_range(32, True),
+}
+
+
+def exp2(n: int) -> float:
+    """2**n as an exact float (ldexp never rounds for the exponents fxq uses)."""
+    return math.ldexp(1.0, int(n))
+
+
+def check_frac(frac: int, what: str) -> int:
+    if int(frac) != frac or not FRAC_LIMITS[0] <= frac <= FRAC_LIMITS[1]:
+        raise ValueError(f"{what}: fractional length {frac!r} is not an integer in {FRAC_LIMITS}")
+    return int(frac)
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding of real numbers (torch and numpy): used by quantize and by the fake-quant model
+# ---------------------------------------------------------------------------------------------
+def round_torch(x: torch.Tensor, mode: Rounding = DEFAULT_ROUNDING) -> torch.Tensor:
+    mode = Rounding(mode)
+    if mode is Rounding.HALF_EVEN:
+        return torch.round(x)
+    if mode is Rounding.HALF_UP:
+        return torch.floor(x + 0.5)
+    if mode is Rounding.HALF_AWAY:
+        return torch.sign(x) * torch.floor(torch.abs(x) + 0.5)
+    return torch.floor(x)
+
+
+def round_np(x: np.ndarray, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    mode = Rounding(mode)
+    if mode is Rounding.HALF_EVEN:
+        return np.rint(x)
+    if mode is Rounding.HALF_UP:
+        return np.floor(x + 0.5)
+    if mode is Rounding.HALF_AWAY:
+        return np.sign(x) * np.floor(np.abs(x) + 0.5)
+    return np.floor(x)
+
+
+def quantize_np(x: np.ndarray, frac, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    """Float values to int64 codes: round(x * 2**frac), saturated. Multiplying by 2**frac is exact."""
+    scaled = np.asarray(x, dtype=np.float64) * np.exp2(np.asarray(frac, dtype=np.float64))
+    return rng.clip_np(round_np(scaled, mode)).astype(np.int64)
+
+
+def fake_quant(x: torch.Tensor, frac, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING,
+               ste: bool = False) -> torch.Tensor:
+    """The value the integer graph will hold for ``x``: codes * 2**-frac, rounded and saturated.
+
+    ``frac`` is an int or a tensor broadcastable to ``x`` (per-channel). With ``ste`` the gradient
+    passes straight through, which calibration passes use to optimise through the rounding.
+    """
+    scale = torch.exp2(torch.as_tensor(frac, dtype=x.dtype, device=x.device))
+    q = torch.clamp(round_torch(x * scale, mode), rng.lo, rng.hi) / scale
+    return x + (q - x).detach() if ste else q
+
+
+# ---------------------------------------------------------------------------------------------
+# integer shifts: requantization of accumulators
+# ---------------------------------------------------------------------------------------------
+def shift_round_np(acc: np.ndarray, shift, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    """acc * 2**-shift rounded to an integer, on int64 codes; negative shifts are exact left shifts.
+
+    ``shift`` is an int or an int array broadcastable to ``acc`` (per-channel requant).
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    right = np.maximum(shift, 0)
+    left = np.maximum(-shift, 0)
+    q = acc >> right                                   # floor division by 2**right
+    rem = acc - (q << right)                           # in [0, 2**right)
+    half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), np.int64(0))
+    mode = Rounding(mode)
+    positive_rem = right > 0
+    if mode is Rounding.HALF_EVEN:
+        up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    elif mode is Rounding.HALF_UP:
+        up = rem >= half
+    elif mode is Rounding.HALF_AWAY:
+        up = (rem > half) | ((rem == half) & (acc >= 0))
+    else:
+        up = np.zeros_like(rem, dtype=bool)
+    q = q + (up & positive_rem)                        # a zero shift has nothing to round
+    return q << left
+
+
+def requant_np(acc: np.ndarray, shift, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    """Shift, round, saturate: the one requantization every executor performs."""
+    return rng.clip_np(shift_round_np(acc, shift, mode))
+
+
+def onnx_exact_rounding(mode: Rounding) -> bool:
+    """ONNX QuantizeLinear only rounds half to even; other modes cannot be exported exactly."""
+    return Rounding(mode) is Rounding.HALF_EVEN
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing a power-of-two step: the no-clip exponent and its finer neighbours, by squared error
+# ---------------------------------------------------------------------------------------------
+def noclip_frac(lo_val: np.ndarray, hi_val: np.ndarray, rng: IntRange) -> np.ndarray:
+    """Largest fractional length at which [lo_val, hi_val] fits in the code range (per row).
+
+    A row that is all zeros (a ReLU that never fires, a pruned filter) has no scale to fit; it gets
+    the format of values in [-1, 1), so its shifts stay ordinary.
+    """
+    lo_val, hi_val = np.asarray(lo_val, np.float64), np.asarray(hi_val, np.float64)
+    with np.errstate(divide="ignore"):
+        f_hi = np.where(hi_val > 0, np.floor(np.log2(rng.hi / np.where(hi_val > 0, hi_val, 1.0))), np.inf)
+        f_lo = np.where((lo_val < 0) & (rng.lo < 0),
+                        np.floor(np.log2(abs(rng.lo) / np.where(lo_val < 0, -lo_val, 1.0))), np.inf)
+    f = np.minimum(f_hi, f_lo)
+    f = np.where(np.isinf(f), rng.hi.bit_length() - 1, f)
+    return np.clip(f, FRAC_LIMITS[0], FRAC_LIMITS[1] - 8).astype(np.int64)
+
+
+def search_frac(values: np.ndarray, rng: IntRange, radius: int, mode: Rounding = DEFAULT_ROUNDING,
+                weights: np.ndarray | None = None) -> np.ndarray:
+    """Per row of ``values`` (shape [rows, n]), the fractional length with the least (weighted) squared
+    quantization error among the no-clip one and the ``radius`` finer ones (finer: less rounding
+    error, more clipping). ``weights`` (same shape) lets a caller weight errors, e.g. by a Hessian.
+    """
+    values = np.atleast_2d(np.asarray(values, np.float64))
+    f0 = noclip_frac(values.min(axis=1), values.max(axis=1), rng)
+    best_err = np.full(values.shape[0], np.inf)
+    best = f0.copy()
+    for step in range(radius + 1):
+        f = f0 + step
+        q = quantize_np(values, f[:, None], rng, mode) * np.exp2(-f[:, None].astype(np.float64))
+        err = (q - values) ** 2
+        err = (err if weights is None else err * weights).sum(axis=1)
+        better = err < best_err
+        best[better], best_err[better] = f[better], err[better]
+    return best

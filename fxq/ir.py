@@ -1,0 +1,254 @@
+"""The integer IR: a short, topologically ordered list of exact integer ops.
+
+Every tensor has an integer dtype, a shape (batch dim ``None``), a code range [lo, hi] and a
+fractional length ``frac`` (value = code * 2**-frac; per channel for int32 accumulators). Scales are
+therefore exact powers of two by construction, and every rescale is a shift. ``verify()`` checks the
+invariants the backends rely on and names the node that breaks one.
+"""
+from __future__ import annotations
+
+import enum
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from .errors import LoadError, VerifyError
+from .formats import ACC_BITS, DTYPE_RANGES, FP32_EXACT_BITS, FRAC_LIMITS, IntRange
+
+FORMAT_VERSION = 1
+
+
+class Op(str, enum.Enum):
+    QUANTIZE = "quantize"          # float input -> codes: round(x * 2**frac), saturate
+    DEQUANTIZE = "dequantize"      # codes -> float output
+    CONV2D_INT = "conv2d_int"      # int32 accumulate of codes x weight codes, + int32 bias
+    LINEAR_INT = "linear_int"      # likewise for a matrix product
+    REQUANT = "requant"            # int32 -> narrow codes: shift (per channel), round, clamp
+    ADD_INT = "add_int"            # align by left shifts, add in int32, then requant
+    AVGPOOL_INT = "avgpool_int"    # window sum, divide by 2**k as a shift, requant
+    MAXPOOL_INT = "maxpool_int"    # max of codes (same format in and out)
+    CONCAT_INT = "concat_int"      # codes of one format, joined along an axis
+    PAD_INT = "pad_int"            # zero codes around the spatial dims
+    CLAMP_INT = "clamp_int"        # codes clamped (standalone ReLU / ReLU6)
+    RESHAPE = "reshape"            # codes unchanged, new shape
+
+
+# Ops that rescale (their ``shift`` attribute must equal frac_in - frac_out) and round.
+REQUANTIZING = frozenset({Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT})
+# Ops whose output carries the input's codes and format unchanged (up to selection/clamping).
+SAME_FORMAT = frozenset({Op.MAXPOOL_INT, Op.CONCAT_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE})
+SHORT_DTYPE = {"int8": "i8", "uint8": "u8", "int16": "i16", "uint16": "u16", "int32": "i32", "float32": "f32"}
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str
+    shape: tuple                      # batch dim is None
+    frac: int | tuple | None = None   # None for float tensors; a tuple is per channel (axis 1)
+    lo: int | None = None             # code range the producer guarantees
+    hi: int | None = None
+
+    @property
+    def frac_array(self) -> np.ndarray:
+        return np.asarray(self.frac, dtype=np.int64)
+
+    @property
+    def max_abs(self) -> int:
+        return max(abs(self.lo), abs(self.hi))
+
+    def short(self) -> str:
+        dims = ",".join("N" if d is None else str(d) for d in self.shape)
+        text = f"{SHORT_DTYPE.get(self.dtype, self.dtype)}[{dims}]"
+        return text if self.frac is None else f"{text} f={_frac_text(self.frac)}"
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorType":
+        frac = d["frac"]
+        return cls(d["dtype"], tuple(d["shape"]), tuple(frac) if isinstance(frac, list) else frac, d["lo"], d["hi"])
+
+
+@dataclass
+class Node:
+    name: str
+    op: Op
+    inputs: list[str]
+    out: TensorType
+    attrs: dict = field(default_factory=dict)
+    consts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _frac_text(frac) -> str:
+    if isinstance(frac, tuple):
+        lo, hi = min(frac), max(frac)
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+    return str(frac)
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    return v
+
+
+class Graph:
+    """Integer graph: one float input, one float output, nodes in execution order."""
+
+    def __init__(self, input_name: str, input_type: TensorType, nodes: list[Node], output: str,
+                 target: dict | None = None):
+        self.input_name = input_name
+        self.input_type = input_type
+        self.nodes = nodes
+        self.output = output
+        self.target = target or {}
+
+    # -- access ---------------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no IR node named {name!r}")
+
+    def types(self) -> dict[str, TensorType]:
+        t = {self.input_name: self.input_type}
+        t.update({n.name: n.out for n in self.nodes})
+        return t
+
+    def to_networkx(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        g.add_node(self.input_name, op="input")
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op.value)
+            g.add_edges_from((i, n.name) for i in n.inputs)
+        return g
+
+    def count(self, op: Op) -> int:
+        return sum(n.op is op for n in self.nodes)
+
+    # -- printing -------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        rows = [(f"%{n.name}", f"{n.op.value}({', '.join(self._arg_text(n))})", f"-> {n.out.short()}") for n in self.nodes]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        head = f"# fxq integer graph: input {self.input_name}:{self.input_type.short()}, {len(self.nodes)} nodes"
+        if self.target:
+            head += f", target {self.target.get('name')}"
+        return "\n".join([head] + [f"{a:<{w0}} = {b:<{w1}} {c}" for a, b, c in rows])
+
+    __repr__ = __str__
+
+    def _arg_text(self, n: Node) -> list[str]:
+        a = n.attrs
+        ins = [f"%{i}" if i != self.input_name else f"{i}:{self.input_type.short()}" for i in n.inputs]
+        if n.op in (Op.CONV2D_INT, Op.LINEAR_INT):
+            w, b = n.consts["w"], n.consts["b"]
+            ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] f={_frac_text(tuple(a['w_frac']))}")
+            ins.append(f"b:i32 f={_frac_text(n.out.frac)}")
+            if n.op is Op.CONV2D_INT:
+                conv = [f"s={_pair_text(a['stride'])}", f"p={_pair_text(a['padding'])}"]
+                conv += [f"d={_pair_text(a['dilation'])}"] if tuple(a["dilation"]) != (1, 1) else []
+                conv += [f"g={a['groups']}"] if a["groups"] != 1 else []
+                ins += conv
+        elif n.op in REQUANTIZING:
+            if n.op is Op.ADD_INT:
+                ins = [f"{t} <<{s}" if s else t for t, s in zip(ins, a["align"])]
+            if n.op is Op.AVGPOOL_INT:
+                ins.append(f"k={_pair_text(a['kernel'])} sum/2^{a['divisor_log2']}")
+            ins.append(f">>{_frac_text(_tuple(a['shift']))} {a['rounding']}")
+            ins.append(f"clamp[{n.out.lo},{n.out.hi}]")
+        elif n.op is Op.MAXPOOL_INT:
+            ins.append(f"k={_pair_text(a['kernel'])} s={_pair_text(a['stride'])} p={_pair_text(a['padding'])}")
+        elif n.op is Op.CLAMP_INT:
+            ins.append(f"[{a['lo']},{a['hi']}]")
+        elif n.op is Op.CONCAT_INT:
+            ins.append(f"axis={a['axis']}")
+        elif n.op is Op.PAD_INT:
+            ins.append(f"pads={list(a['pads'])}")
+        elif n.op is Op.QUANTIZE:
+            ins.append(a["rounding"])
+        return ins
+
+    # -- verification ---------------------------------------------------------------------------
+    def verify(self) -> "Graph":
+        from .verify import verify
+        verify(self)
+        return self
+
+    def fp32_inexact(self) -> list[str]:
+        """Nodes whose accumulators may exceed 2**24: float32 executors could round there."""
+        lim = 2 ** FP32_EXACT_BITS
+        return [n.name for n in self.nodes if n.out.dtype == "int32" and n.out.max_abs > lim]
+
+    # -- persistence: JSON for structure, .npz for constants, in one zip; never pickle ----------
+    def to_json(self) -> dict:
+        return {"format": "fxq-ir", "version": FORMAT_VERSION, "input": self.input_name,
+                "input_type": self.input_type.to_json(), "output": self.output, "target": self.target,
+                "nodes": [{"name": n.name, "op": n.op.value, "inputs": n.inputs, "out": n.out.to_json(),
+                           "attrs": _jsonable_attrs(n.attrs), "consts": sorted(n.consts)} for n in self.nodes]}
+
+    def save(self, path) -> None:
+        arrays = {f"{n.name}/{k}": v for n in self.nodes for k, v in n.consts.items()}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("ir.json", json.dumps(self.to_json(), indent=1))
+            z.writestr("consts.npz", buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "Graph":
+        try:
+            with zipfile.ZipFile(path) as z:
+                doc = json.loads(z.read("ir.json"))
+                consts = np.load(io.BytesIO(z.read("consts.npz")), allow_pickle=False)
+                arrays = {k: consts[k] for k in consts.files}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, KeyError, EOFError, ValueError, OSError) as exc:
+            raise LoadError(f"{path}: not a readable fxq model file ({type(exc).__name__}: {exc}); "
+                            f"it may be truncated or corrupt") from exc
+        if doc.get("format") != "fxq-ir":
+            raise LoadError(f"{path}: not an fxq model file (format field {doc.get('format')!r})")
+        if doc.get("version") != FORMAT_VERSION:
+            raise LoadError(f"{path}: fxq IR version {doc.get('version')!r}; this fxq reads version {FORMAT_VERSION}")
+        try:
+            nodes = []
+            for d in doc["nodes"]:
+                c = {k: arrays[f"{d['name']}/{k}"] for k in d["consts"]}
+                nodes.append(Node(d["name"], Op(d["op"]), list(d["inputs"]), TensorType.from_json(d["out"]),
+                                  _attrs_from_json(d["attrs"]), c))
+            g = cls(doc["input"], TensorType.from_json(doc["input_type"]), nodes, doc["output"], doc.get("target"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"{path}: malformed fxq IR ({type(exc).__name__}: {exc})") from exc
+        return g.verify()
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _pair_text(v) -> str:
+    v = tuple(v)
+    return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
+
+
+def _jsonable_attrs(attrs: dict) -> dict:
+    return {k: _jsonable(tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()}
+
+
+def _attrs_from_json(attrs: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
+
+
+def dtype_range(dtype: str) -> IntRange:
+    return DTYPE_RANGES[dtype]
+
+
+__all__ = ["Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS"]

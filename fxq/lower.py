@@ -1,0 +1,163 @@
+"""lower: the fake-quant GraphModule becomes the integer IR.
+
+Reads: ``meta[KIND]``, ``meta[ROLE]``, ``meta[ACT_FMT]``, ``meta[SHAPE]`` and the QConv2d/QLinear/
+FakeQuant modules that insert_fake_quant left. Each FakeQuant marks where a requantizing op ends:
+its producer (conv/linear accumulator, add, average pool, or the model input) is emitted there with
+the format's shift and clamp. Constants are the codes the fake-quant modules round to, computed by the
+same fxq.formats functions.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+
+from . import meta
+from .errors import UnsupportedOp, describe_node
+from .fakequant import FakeQuant, QConv2d, QLinear
+from .formats import ACC_RANGE, exp2, quantize_np
+from .ir import Graph, Node, Op, TensorType
+from .qtypes import ActFormat
+from .targets import Target
+
+
+def _batchless(shape) -> tuple:
+    return (None,) + tuple(shape[1:])
+
+
+def _act_type(fmt: ActFormat, shape) -> TensorType:
+    r = fmt.range
+    return TensorType(fmt.dtype, _batchless(shape), int(fmt.frac), r.lo, r.hi)
+
+
+class _Lowerer:
+    def __init__(self, gm: fx.GraphModule, target: Target):
+        self.gm = gm
+        self.target = target
+        self.modules = dict(gm.named_modules())
+        self.nodes: list[Node] = []
+        self.types: dict[str, TensorType] = {}
+        self.name_of: dict[str, str] = {}     # fx node name -> IR tensor name
+
+    def emit(self, name, op, inputs, out, attrs=None, consts=None) -> str:
+        self.nodes.append(Node(name, op, list(inputs), out, attrs or {}, consts or {}))
+        self.types[name] = out
+        return name
+
+    def ir_input(self, fx_node) -> str:
+        return self.name_of[fx_node.name]
+
+    def run(self) -> Graph:
+        input_name = input_type = output = None
+        for node in self.gm.graph.nodes:
+            kind, role = node.meta.get(meta.KIND), node.meta.get(meta.ROLE)
+            if kind == "input":
+                input_name = node.name
+                input_type = TensorType("float32", _batchless(node.meta[meta.SHAPE]))
+                self.types[input_name] = input_type
+            elif kind == "output":
+                src = self.ir_input(node.args[0])
+                t = self.types[src]
+                output = self.emit("output", Op.DEQUANTIZE, [src], TensorType("float32", t.shape))
+            elif kind == "fake_quant":
+                self.name_of[node.name] = self.requantize(node)
+            elif kind in meta.WEIGHTED:
+                self.name_of[node.name] = self.weighted(node)
+            elif role == "pass":
+                self.name_of[node.name] = self.pass_through(node)
+            elif role in ("acc", "qpoint"):
+                continue          # emitted by the FakeQuant that ends it
+            else:
+                raise UnsupportedOp(f"{describe_node(node)}: nothing lowers kind {kind!r} with role {role!r}")
+        g = Graph(input_name, input_type, self.nodes, output, self.target.as_row())
+        return g.verify()
+
+    # -- requantizing ops, emitted at their FakeQuant ------------------------------------------------
+    def requantize(self, fq_node) -> str:
+        fmt: ActFormat = fq_node.meta[meta.ACT_FMT]
+        src = fq_node.args[0]
+        if src.meta[meta.KIND] in meta.ACTIVATIONS and src.meta[meta.ROLE] == "qpoint":
+            src = src.args[0]                       # the activation is fused into its producer's clamp
+        shape = fq_node.meta[meta.SHAPE] or src.meta[meta.SHAPE]
+        out = _act_type(fmt, shape)
+        rounding = self.target.rounding.value
+        kind = src.meta[meta.KIND]
+        name = src.name
+        if kind == "input":
+            return self.emit(f"{name}_q", Op.QUANTIZE, [name], out, {"rounding": rounding})
+        if kind in meta.WEIGHTED:
+            acc = self.ir_input(src)
+            shift = tuple(int(f) - fmt.frac for f in self.types[acc].frac)
+            return self.emit(f"{name}_rq", Op.REQUANT, [acc], out, {"shift": shift, "rounding": rounding})
+        if kind == "add":
+            a, b = (self.ir_input(x) for x in src.args[:2])
+            fa, fb = int(self.types[a].frac), int(self.types[b].frac)
+            common = max(fa, fb)
+            return self.emit(name, Op.ADD_INT, [a, b], out, {"align": (common - fa, common - fb),
+                                                             "shift": common - fmt.frac, "rounding": rounding})
+        if kind == "avgpool":
+            x = self.ir_input(src.args[0])
+            _, kernel, stride, padding, _, _, divisor = src.args[:7]
+            k = int(divisor).bit_length() - 1
+            return self.emit(name, Op.AVGPOOL_INT, [x], out, {
+                "kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding), "divisor_log2": k,
+                "shift": int(self.types[x].frac) + k - fmt.frac, "rounding": rounding})
+        raise UnsupportedOp(f"{describe_node(src)}: no integer op produces a {kind!r} output")
+
+    # -- conv / linear: accumulate in int32 -----------------------------------------------------------
+    def weighted(self, node) -> str:
+        layer = self.modules[node.target]
+        assert isinstance(layer, (QConv2d, QLinear))
+        x = self.ir_input(node.args[0])
+        xt = self.types[x]
+        w_frac = layer.w_fmt.frac_array
+        w = layer.weight.detach().double().numpy()
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding)
+        b_frac = w_frac + int(xt.frac)
+        b_codes = quantize_np(layer.bias.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding)
+        bound = np.abs(w_codes).reshape(w.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
+        acc_max = int(min(bound.max(), 2**62))
+        out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), tuple(int(f) for f in b_frac), -acc_max, acc_max)
+        attrs = {"w_bits": layer.w_fmt.bits, "w_frac": tuple(int(f) for f in w_frac)}
+        if isinstance(layer, QConv2d):
+            attrs.update(stride=tuple(layer.stride), padding=tuple(layer.padding),
+                         dilation=tuple(layer.dilation), groups=int(layer.groups))
+        op = Op.CONV2D_INT if isinstance(layer, QConv2d) else Op.LINEAR_INT
+        return self.emit(node.name, op, [x], out, attrs,
+                         {"w": w_codes.astype(np.int8 if layer.w_fmt.bits <= 8 else np.int16),
+                          "b": b_codes.astype(np.int32)})
+
+    # -- ops that keep their input's format --------------------------------------------------------
+    def pass_through(self, node) -> str:
+        kind = node.meta[meta.KIND]
+        shape = _batchless(node.meta[meta.SHAPE])
+        if kind == "cat":
+            ins = [self.ir_input(x) for x in node.args[0]]
+            t0 = self.types[ins[0]]
+            lo, hi = min(self.types[i].lo for i in ins), max(self.types[i].hi for i in ins)
+            return self.emit(node.name, Op.CONCAT_INT, ins, TensorType(t0.dtype, shape, t0.frac, lo, hi),
+                             {"axis": int(node.args[1])})
+        x = self.ir_input(node.args[0])
+        t = self.types[x]
+        same = TensorType(t.dtype, shape, t.frac, t.lo, t.hi)
+        if kind in ("flatten", "reshape"):
+            return self.emit(node.name, Op.RESHAPE, [x], same, {"shape": (-1,) + tuple(shape[1:])})
+        if kind == "maxpool":
+            _, kernel, stride, padding, dilation, ceil_mode = node.args[:6]
+            return self.emit(node.name, Op.MAXPOOL_INT, [x], same, {
+                "kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding),
+                "dilation": tuple(dilation), "ceil_mode": bool(ceil_mode)})
+        if kind == "pad":
+            lo, hi = min(t.lo, 0), max(t.hi, 0)
+            return self.emit(node.name, Op.PAD_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi),
+                             {"pads": tuple(int(p) for p in node.args[1])})
+        if kind in ("relu", "clamp"):
+            lo_v, hi_v = (0.0, float("inf")) if kind == "relu" else (node.args[1], node.args[2])
+            lo = int(max(t.lo, np.ceil(lo_v * exp2(t.frac) - 1e-9))) if np.isfinite(lo_v) else t.lo
+            hi = int(min(t.hi, np.floor(hi_v * exp2(t.frac) + 1e-9))) if np.isfinite(hi_v) else t.hi
+            return self.emit(node.name, Op.CLAMP_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi), {"lo": lo, "hi": hi})
+        raise UnsupportedOp(f"{describe_node(node)}: no integer op for pass-through kind {kind!r}")
+
+
+def lower(gm: fx.GraphModule, target: Target) -> Graph:
+    return _Lowerer(gm, target).run()

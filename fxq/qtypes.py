@@ -1,0 +1,72 @@
+"""Small frozen records that passes attach to nodes: BN statistics and the chosen formats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .formats import IntRange, exp2, int_range, round_np, storage_dtype
+
+
+@dataclass(frozen=True)
+class BNStats:
+    """A folded BatchNorm's statistics: the folded layer's output is ~ N(beta, gamma**2) per channel."""
+    mean: np.ndarray
+    var: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    eps: float
+
+    @property
+    def out_mean(self) -> np.ndarray:
+        return self.beta
+
+    @property
+    def out_std(self) -> np.ndarray:
+        return np.abs(self.gamma)
+
+
+@dataclass(frozen=True)
+class ActFormat:
+    """An activation's codes: value = code * 2**-frac, codes in [lo, hi].
+
+    ``clamp`` is the float range of a fused activation (ReLU: (0, inf), ReLU6: (0, 6)); the code
+    bounds follow from it and the dtype. Rounding is monotonic, so clamping the float value and then
+    rounding equals rounding and then clamping at the rounded bounds: both executors agree.
+    """
+    frac: int
+    bits: int
+    signed: bool
+    clamp: tuple[float, float] = (-float("inf"), float("inf"))
+
+    @property
+    def dtype(self) -> str:
+        return storage_dtype(self.bits, self.signed)
+
+    @property
+    def range(self) -> IntRange:
+        full = int_range(self.bits, self.signed)
+        lo, hi = (round_np(np.array(c) * exp2(self.frac)) for c in self.clamp)
+        return IntRange(int(max(full.lo, lo)), int(min(full.hi, hi)))
+
+    def with_frac(self, frac: int) -> "ActFormat":
+        return replace(self, frac=int(frac))
+
+    def describe(self) -> str:
+        r = self.range
+        return f"{'s' if self.signed else 'u'}{self.bits} f={self.frac} [{r.lo},{r.hi}]"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Signed symmetric weight codes with one fractional length per output channel."""
+    frac: tuple[int, ...]
+    bits: int
+
+    @property
+    def range(self) -> IntRange:
+        return int_range(self.bits, signed=True, symmetric=True)
+
+    @property
+    def frac_array(self) -> np.ndarray:
+        return np.asarray(self.frac, dtype=np.int64)

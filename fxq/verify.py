@@ -1,0 +1,140 @@
+"""The IR verifier: the invariants both backends and the exporter rely on, one rule per op.
+
+Every fractional length is an integer (so every scale is an exact power of two), every rescale is a
+shift equal to the difference of fractional lengths, no int32 accumulator can overflow for any input
+codes in the declared ranges, and float values exist only at the graph's quantize and dequantize.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import VerifyError
+from .formats import ACC_RANGE, DTYPE_RANGES, FRAC_LIMITS, int_range
+from .ir import Graph, Node, Op, TensorType
+
+NARROW = ("int8", "uint8", "int16", "uint16")
+MAX_SHIFT = 31
+
+
+class _Check:
+    def __init__(self, node: Node):
+        self.node = node
+
+    def __call__(self, ok: bool, why: str) -> None:
+        if not ok:
+            n = self.node
+            raise VerifyError(f"IR node '%{n.name}' ({n.op.value}): {why}")
+
+
+def _fracs(t: TensorType) -> list:
+    return list(t.frac) if isinstance(t.frac, tuple) else [t.frac]
+
+
+def _check_type(chk: _Check, t: TensorType, what: str) -> None:
+    if t.dtype == "float32":
+        return
+    chk(t.dtype in DTYPE_RANGES, f"{what} has unknown dtype {t.dtype!r}")
+    for f in _fracs(t):
+        chk(isinstance(f, (int, np.integer)) and not isinstance(f, bool),
+            f"{what} fractional length {f!r} is not an integer, so its scale is not a power of two")
+        chk(FRAC_LIMITS[0] <= f <= FRAC_LIMITS[1], f"{what} fractional length {f} outside {FRAC_LIMITS}")
+    r = DTYPE_RANGES[t.dtype]
+    chk(t.lo is not None and t.hi is not None and r.lo <= t.lo <= t.hi <= r.hi,
+        f"{what} code range [{t.lo}, {t.hi}] is not inside {t.dtype} [{r.lo}, {r.hi}]")
+
+
+def _shift_ok(chk: _Check, shift, expected) -> None:
+    shift, expected = np.atleast_1d(np.asarray(shift)), np.atleast_1d(np.asarray(expected))
+    chk(np.issubdtype(shift.dtype, np.integer), f"shift {shift.tolist()} is not an integer")
+    chk(shift.shape == expected.shape or shift.size == 1 or expected.size == 1,
+        f"shift has {shift.size} entries, expected {expected.size}")
+    chk(bool(np.all(shift == expected)), f"shift {shift.tolist()} != frac_in - frac_out {expected.tolist()}")
+    chk(bool(np.all(np.abs(shift) <= MAX_SHIFT)), f"shift {shift.tolist()} outside [-{MAX_SHIFT}, {MAX_SHIFT}]")
+
+
+def _acc_fits(chk: _Check, bound, declared: TensorType, what: str) -> None:
+    bound = int(np.max(bound))
+    chk(bound <= ACC_RANGE.hi, f"{what} can reach {bound} > int32 max {ACC_RANGE.hi}: the accumulator can overflow")
+    if declared is not None:
+        chk(declared.max_abs >= bound, f"declared accumulator range {declared.max_abs} < provable bound {bound}")
+
+
+def _weighted(chk: _Check, n: Node, x: TensorType) -> None:
+    w, b = n.consts.get("w"), n.consts.get("b")
+    chk(w is not None and b is not None, "missing weight or bias constants")
+    chk(x.dtype in NARROW, f"input dtype {x.dtype} is not a narrow code type")
+    wr = int_range(n.attrs["w_bits"], signed=True, symmetric=True)
+    chk(np.issubdtype(w.dtype, np.integer) and w.min(initial=0) >= wr.lo and w.max(initial=0) <= wr.hi,
+        f"weight codes outside the {n.attrs['w_bits']}-bit range [{wr.lo}, {wr.hi}]")
+    chk(b.dtype == np.int32 and b.shape == (w.shape[0],), f"bias must be int32[{w.shape[0]}], got {b.dtype}{list(b.shape)}")
+    chk(n.out.dtype == "int32", "accumulator output must be int32")
+    expected = tuple(int(x.frac) + int(f) for f in n.attrs["w_frac"])
+    chk(tuple(_fracs(n.out)) == expected, f"accumulator frac {_fracs(n.out)} != f_x + f_w {list(expected)}")
+    in_ch = x.shape[1]
+    if n.op is Op.CONV2D_INT:
+        g = n.attrs["groups"]
+        chk(w.ndim == 4 and w.shape[1] * g == in_ch and w.shape[0] % g == 0,
+            f"weight shape {list(w.shape)} with groups={g} does not fit {in_ch} input channels")
+    else:
+        chk(w.ndim == 2 and w.shape[1] == x.shape[-1], f"weight shape {list(w.shape)} does not fit input {list(x.shape)}")
+    l1 = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1)
+    _acc_fits(chk, l1 * x.max_abs + np.abs(b.astype(np.int64)), n.out, "a per-channel sum")
+
+
+def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
+    a, op = n.attrs, n.op
+    if op is Op.QUANTIZE:
+        chk(len(ins) == 1 and ins[0].dtype == "float32", "quantize takes the float graph input")
+        chk(n.out.dtype in NARROW, "quantize must produce narrow codes")
+    elif op is Op.DEQUANTIZE:
+        chk(ins[0].dtype in NARROW, "dequantize takes narrow codes")
+        chk(n.out.dtype == "float32", "dequantize produces float32")
+    elif op in (Op.CONV2D_INT, Op.LINEAR_INT):
+        _weighted(chk, n, ins[0])
+    elif op is Op.REQUANT:
+        chk(ins[0].dtype == "int32", "requant takes an int32 accumulator")
+        _shift_ok(chk, a["shift"], ins[0].frac_array - int(n.out.frac))
+        left = -np.minimum(np.asarray(a["shift"]), 0)
+        _acc_fits(chk, ins[0].max_abs * (2 ** np.max(left)), None, "a left-shifted accumulator")
+    elif op is Op.ADD_INT:
+        chk(len(ins) == 2 and all(t.dtype in NARROW for t in ins), "add_int takes two narrow code tensors")
+        common = max(int(t.frac) for t in ins)
+        chk(tuple(a["align"]) == tuple(common - int(t.frac) for t in ins), f"align shifts {a['align']} do not reach frac {common}")
+        _shift_ok(chk, a["shift"], common - int(n.out.frac))
+        _acc_fits(chk, sum(t.max_abs << s for t, s in zip(ins, a["align"])), None, "the aligned sum")
+    elif op is Op.AVGPOOL_INT:
+        chk(ins[0].dtype in NARROW, "avgpool_int takes narrow codes")
+        _shift_ok(chk, a["shift"], int(ins[0].frac) + int(a["divisor_log2"]) - int(n.out.frac))
+        _acc_fits(chk, a["kernel"][0] * a["kernel"][1] * ins[0].max_abs, None, "the window sum")
+    elif op in (Op.MAXPOOL_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.CONCAT_INT):
+        for t in ins:
+            chk(t.dtype == n.out.dtype and t.frac == n.out.frac,
+                f"input {t.short()} and output {n.out.short()} must share dtype and frac")
+        if op is Op.CLAMP_INT:
+            chk(n.out.lo == a["lo"] and n.out.hi == a["hi"], "clamp bounds differ from the output range")
+    else:
+        chk(False, "unknown op")
+
+
+def verify(g: Graph) -> None:
+    types = {g.input_name: g.input_type}
+    seen_names = {g.input_name}
+    for n in g.nodes:
+        chk = _Check(n)
+        chk(isinstance(n.op, Op), f"unknown op {n.op!r}")
+        chk(n.name not in seen_names, "duplicate node name")
+        for i in n.inputs:
+            chk(i in types, f"input %{i} is not defined before this node")
+        ins = [types[i] for i in n.inputs]
+        _check_type(chk, n.out, "output")
+        if n.out.dtype == "float32":
+            chk(n.op is Op.DEQUANTIZE, "a float tensor outside the graph's dequantize (no float islands are declared)")
+        if n.op is not Op.QUANTIZE:
+            chk(all(t.dtype != "float32" for t in ins), "float input outside the graph's quantize")
+        _rule(n, ins, chk)
+        seen_names.add(n.name)
+        types[n.name] = n.out
+    if g.output not in types:
+        raise VerifyError(f"graph output %{g.output} is not defined")
+    if types[g.output].dtype != "float32":
+        raise VerifyError(f"graph output %{g.output} must be dequantized to float32")

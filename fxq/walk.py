@@ -1,0 +1,41 @@
+"""Graph walks that several passes share: where a tensor's format comes from, and its sign."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from . import meta
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensor inputs of a canonical node (cat's first argument is a tuple of them)."""
+    if node.meta.get(meta.KIND) == "cat":
+        return list(node.args[0])
+    return [a for a in node.args if isinstance(a, fx.Node)][: 2 if node.meta.get(meta.KIND) == "add" else 1]
+
+
+def format_source(node: fx.Node) -> fx.Node:
+    """The quantization point whose format ``node``'s codes carry (pass-through ops keep their input's)."""
+    while node.meta.get(meta.ROLE) == "pass":
+        node = data_inputs(node)[0]
+    return node
+
+
+def is_nonnegative(node: fx.Node) -> bool:
+    """True when the values are non-negative by construction (after ReLU, a clamp at >= 0, ...)."""
+    kind = node.meta.get(meta.KIND)
+    if kind == "relu":
+        return True
+    if kind == "clamp":
+        return node.args[1] >= 0 or is_nonnegative(node.args[0])
+    if kind in ("flatten", "reshape", "maxpool", "pad", "avgpool"):
+        return is_nonnegative(node.args[0])
+    if kind in ("cat", "add"):
+        return all(is_nonnegative(x) for x in data_inputs(node))
+    return False
+
+
+def weighted_layers(gm: fx.GraphModule):
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.meta.get(meta.KIND) in meta.WEIGHTED:
+            yield node, modules[node.target]

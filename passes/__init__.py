@@ -1,0 +1,27 @@
+"""fxq's graph passes, one per file, each ``(gm, ctx) -> gm`` run in PIPELINE order by fxq.pipeline."""
+from .canonicalize import canonicalize
+from .propagate_shapes import propagate_shapes
+from .fold_bn import fold_bn
+from .fold_pool_divisor import fold_pool_divisor
+from .insert_observers import insert_observers
+from .calibrate import calibrate
+from .data_free_stats import data_free_stats
+from .choose_formats import choose_formats
+from .share_scales import share_scales
+from .insert_fake_quant import insert_fake_quant
+
+# Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
+PIPELINE = (
+    canonicalize,
+    propagate_shapes,
+    fold_bn,
+    fold_pool_divisor,
+    insert_observers,
+    calibrate,
+    data_free_stats,
+    choose_formats,
+    share_scales,
+    insert_fake_quant,
+)
+
+__all__ = [p.__name__ for p in PIPELINE] + ["PIPELINE"]
