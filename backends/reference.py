@@ -162,14 +162,18 @@ OPS = {cls.op: cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Req
                                  MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape)}
 
 
+def check_input_spec(g: Graph, shape: tuple, dtype) -> None:
+    want = g.input_type.shape
+    if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)):
+        dims = ", ".join("N" if d is None else str(d) for d in want)
+        raise InputError(f"input '{g.input_name}' has shape {list(shape)}; this model takes [{dims}]")
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        raise InputError(f"input '{g.input_name}' has dtype {np.dtype(dtype)}; pass float values (they are quantized inside)")
+
+
 def check_input(g: Graph, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
-    want = g.input_type.shape
-    if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape)):
-        dims = ", ".join("N" if d is None else str(d) for d in want)
-        raise InputError(f"input '{g.input_name}' has shape {list(x.shape)}; this model takes [{dims}]")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise InputError(f"input '{g.input_name}' has dtype {x.dtype}; pass float values (they are quantized inside)")
+    check_input_spec(g, x.shape, x.dtype)
     return x
 
 

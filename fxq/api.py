@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import json
 import zipfile
 from pathlib import Path
@@ -70,8 +71,14 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
         lo, hi = input_range
         example_input = torch.linspace(lo, hi, example_input.numel()).reshape(example_input.shape)
     batches = check_batches(batches, example_input)
+    was_training = model.training
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
     ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed)
+    if was_training:
+        msg = ("the model was in training mode; fxq compiled its eval-mode behaviour (BatchNorm running "
+               "statistics, Dropout off). Call model.eval() first to silence this.")
+        warnings.warn(msg, stacklevel=2)
+        ctx.note(msg)
     gm = run_passes(trace(model), ctx, PIPELINE)
     ir = lower(gm, tgt)
     return QuantizedModel(ir, gm, tgt, ctx.notes, reference=model)
@@ -117,9 +124,10 @@ class QuantizedModel:
         from .backends import reference
         return reference.run_codes(self.ir, _numpy(x))
 
-    def _check(self, x):
-        from .backends.reference import check_input
-        check_input(self.ir, _numpy(x[:1]) if isinstance(x, torch.Tensor) else x)
+    def _check(self, x: torch.Tensor) -> None:
+        from .backends.reference import check_input_spec
+        dtype = np.float32 if x.is_floating_point() else np.int64
+        check_input_spec(self.ir, tuple(x.shape), dtype)
 
     # -- inspection and export ---------------------------------------------------------------------
     def report(self, x: torch.Tensor | None = None):

@@ -28,6 +28,7 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
         self.fxq_module_stack: list[tuple[str, str]] = []
         self._extra_leaves = tuple(leaf_types)
+        self.failed_in: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._extra_leaves) or super().is_leaf_module(m, qualname)
@@ -36,6 +37,10 @@ class _Tracer(fx.Tracer):
         self.fxq_module_stack.append((self.path_of_module(m) or "<root>", type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if self.failed_in is None:         # the innermost module is the first to see the failure
+                self.failed_in = self.fxq_module_stack[-1]
+            raise
         finally:
             self.fxq_module_stack.pop()
 
@@ -61,7 +66,7 @@ def trace(model: nn.Module, leaf_types: tuple = ()) -> fx.GraphModule:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001 - any trace failure is reported with its location
             where = _user_frame(exc.__traceback__) or "unknown location"
-            mod, typ = tracer.fxq_module_stack[-1] if tracer.fxq_module_stack else ("<root>", type(model).__name__)
+            mod, typ = tracer.failed_in or ("<root>", type(model).__name__)
             raise TraceFailure(
                 f"cannot trace module '{mod}' ({typ}) at {where}\n  cause: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}\n  hint: {TRACE_HINT}") from exc

@@ -126,12 +126,12 @@ def verify(g: Graph) -> None:
         for i in n.inputs:
             chk(i in types, f"input %{i} is not defined before this node")
         ins = [types[i] for i in n.inputs]
-        _check_type(chk, n.out, "output")
         if n.out.dtype == "float32":
             chk(n.op is Op.DEQUANTIZE, "a float tensor outside the graph's dequantize (no float islands are declared)")
         if n.op is not Op.QUANTIZE:
             chk(all(t.dtype != "float32" for t in ins), "float input outside the graph's quantize")
-        _rule(n, ins, chk)
+        _rule(n, ins, chk)              # op rules first: they explain *why* a range is out of bounds
+        _check_type(chk, n.out, "output")
         seen_names.add(n.name)
         types[n.name] = n.out
     if g.output not in types:
