@@ -22,8 +22,11 @@ class FakeQuant(nn.Module):
         self.fmt = fmt
         self.rounding = Rounding(rounding)
         self.ste = False
+        self.enabled = True          # off: the same graph computes in float (for SQNR and calibration passes)
 
     def forward(self, x):
+        if not self.enabled:
+            return x
         return fake_quant(x, self.fmt.frac, self.fmt.range, self.rounding, ste=self.ste)
 
     def extra_repr(self) -> str:
@@ -41,16 +44,21 @@ class _QWeighted(nn.Module):
         self.w_fmt = w_fmt
         self.in_frac = int(in_frac)
         self.rounding = Rounding(rounding)
+        self.enabled = True
         self.register_buffer("w_frac", torch.tensor(w_fmt.frac, dtype=torch.float64), persistent=False)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *([1] * (self.weight.dim() - 1)))
 
     def qweight(self) -> torch.Tensor:
+        if not self.enabled:
+            return self.weight
         frac = self._per_channel(self.w_frac).to(self.weight.dtype)
         return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
 
     def qbias(self) -> torch.Tensor:
+        if not self.enabled:
+            return self.bias
         return fake_quant(self.bias, (self.w_frac + self.in_frac).to(self.bias.dtype), ACC_RANGE, self.rounding)
 
     @property
@@ -77,3 +85,10 @@ def on_grid_clamp(lo: float, hi: float, frac: int) -> tuple[float, float]:
     """A standalone clamp on codes at ``frac``: bounds moved to the grid the integer graph clamps at."""
     rng = ActFormat(frac, 32, True, (lo, hi)).range
     return rng.lo * 2.0 ** -frac, rng.hi * 2.0 ** -frac
+
+
+def set_quantization(gm: nn.Module, enabled: bool) -> None:
+    """Switch every fake-quant module of ``gm`` on or off (off: the folded float model)."""
+    for m in gm.modules():
+        if isinstance(m, (FakeQuant, _QWeighted)):
+            m.enabled = enabled

@@ -60,6 +60,7 @@ class _Lowerer:
                 output = self.emit("output", Op.DEQUANTIZE, [src], TensorType("float32", t.shape))
             elif kind == "fake_quant":
                 self.name_of[node.name] = self.requantize(node)
+                self.nodes[-1].attrs["src"] = node.name      # where report() finds its float value
             elif kind in meta.WEIGHTED:
                 self.name_of[node.name] = self.weighted(node)
             elif role == "pass":

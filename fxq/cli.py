@@ -1,0 +1,187 @@
+"""The ``fxq`` command line: demo, compile, show, export, report, targets."""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+import fxq
+from fxq.errors import FxqError
+
+
+def _load_model(spec: str) -> torch.nn.Module:
+    """A zoo name (``resnet``) or ``package.module:attr`` naming a module or a zero-argument factory."""
+    from fxq import zoo
+    if spec in zoo.names():
+        return zoo.load(spec)
+    if ":" not in spec:
+        raise click.BadParameter(f"{spec!r} is neither a zoo model {zoo.names()} nor 'module:attribute'")
+    mod_name, attr = spec.split(":", 1)
+    obj = getattr(importlib.import_module(mod_name), attr)
+    model = obj() if not isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise click.BadParameter(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _parse_overrides(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"override {item!r} must look like name=value (e.g. w_bits=4)")
+        out[key] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+def _fmnist_split(calib: int, seed: int):
+    """Calibration images from the training set and the full test set; or the bundled 500-image subset."""
+    from fxq import data
+    if data.fashion_mnist_available():
+        train_x, _ = data.load_fashion_mnist("train")
+        idx = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:calib]
+        test_x, test_y = data.load_fashion_mnist("test")
+        return train_x[idx], test_x, test_y, "calibration: Fashion-MNIST train, evaluation: full test set"
+    x, y = data.load_test_subset()
+    half = len(x) // 2
+    return (x[:min(calib, half)], x[half:], y[half:],
+            "Fashion-MNIST package not installed (`make fashion-mnist`): calibration on bundled test images "
+            f"0..{half - 1}, evaluation on {half}..{len(x) - 1}")
+
+
+def _batched(fn, x: torch.Tensor, batch: int = 500, desc: str = "", quiet: bool = False) -> np.ndarray:
+    from tqdm.auto import tqdm
+    outs = [fn(x[i:i + batch]) for i in tqdm(range(0, len(x), batch), desc=desc, disable=quiet, leave=False)]
+    return np.concatenate(outs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(fxq.__version__, prog_name="fxq")
+def main():
+    """fxq: compile PyTorch models to shift-only integer graphs, run them bit-exactly, export ONNX QDQ."""
+
+
+@main.command()
+@click.option("--model", "model_name", default="resnet", show_default=True, help="Zoo model.")
+@click.option("--target", default="shift-int", show_default=True)
+@click.option("--calib", default=512, show_default=True, help="Calibration images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(model_name, target, calib, seed, quiet):
+    """Compile a bundled model, print its integer graph, accuracy and the three-executor check."""
+    from fxq import zoo
+    from fxq.backends import onnx_qdq
+    model = zoo.load(model_name)
+    calib_x, test_x, test_y, provenance = _fmnist_split(calib, seed)
+    click.echo(f"model: {model_name} ({zoo.provenance(model_name).get('fp32_test_accuracy', '?')}% FP32 recorded); {provenance}")
+    t0 = time.perf_counter()
+    qm = fxq.compile(model, calib_x, target=target, progress=not quiet, seed=seed)
+    click.echo(f"compiled for {target} in {time.perf_counter() - t0:.1f} s\n")
+    click.echo(qm.ir)
+    with torch.no_grad():
+        fp32 = _batched(lambda b: model(b).numpy(), test_x, desc="fp32", quiet=quiet)
+    ref = _batched(qm.run_codes, test_x, desc="reference backend", quiet=quiet)
+    fake = _batched(qm.fake_codes, test_x, desc="fake-quant (float64)", quiet=quiet)
+    model_onnx = onnx_qdq.build(qm.ir)
+    ort = _batched(lambda b: onnx_qdq.run_codes(qm.ir, model_onnx, b.numpy()), test_x, desc="onnxruntime", quiet=quiet)
+    y = test_y.numpy()
+    acc = lambda logits: 100.0 * float((logits.argmax(1) == y).mean())  # noqa: E731
+    n = len(y)
+    click.echo(f"\naccuracy on {n} test images: FP32 {acc(fp32):.2f}%   {target} {acc(ref):.2f}%   "
+               f"delta {acc(ref) - acc(fp32):+.2f} points")
+    same = (ref == ort).all(axis=1) & (ref == fake).all(axis=1)
+    click.echo(f"exactness: reference == onnxruntime == fake-quant on {int(same.sum())}/{n} images "
+               f"({100.0 * same.mean():.2f}%), output codes compared bit for bit")
+    for note in qm.notes:
+        click.echo(f"note: {note}")
+
+
+@main.command("compile")
+@click.argument("model_spec")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Where to save (.fxq).")
+@click.option("--target", default="shift-int", show_default=True)
+@click.option("--calib", default=512, show_default=True, help="Calibration images (zoo models: Fashion-MNIST).")
+@click.option("--calib-npy", type=click.Path(exists=True, dir_okay=False), help="Calibration inputs as an .npy array [N, ...].")
+@click.option("--data-free", is_flag=True, help="No calibration data: formats from BatchNorm statistics.")
+@click.option("--input-shape", help="Data-free: input shape, e.g. 1,1,28,28.")
+@click.option("--input-range", help="Data-free: input value range, e.g. -0.81,2.02.")
+@click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
+@click.option("--quiet", is_flag=True)
+def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides, quiet):
+    """Compile MODEL_SPEC (a zoo name or module:attribute) and save it."""
+    from fxq import zoo
+    model = _load_model(model_spec)
+    kwargs = _parse_overrides(overrides)
+    if data_free:
+        if input_shape:
+            kwargs["input_shape"] = tuple(int(v) for v in input_shape.split(","))
+        elif model_spec in zoo.names():
+            kwargs["input_shape"] = (1, 1, 28, 28)
+        if input_range:
+            kwargs["input_range"] = tuple(float(v) for v in input_range.split(","))
+        data = None
+    elif calib_npy:
+        data = torch.from_numpy(np.load(calib_npy, allow_pickle=False)).float()
+    elif model_spec in zoo.names():
+        data = _fmnist_split(calib, 0)[0]
+    else:
+        raise click.UsageError("give --calib-npy FILE or --data-free for a model outside the zoo")
+    qm = fxq.compile(model, data, target=target, progress=not quiet, **kwargs)
+    qm.save(output)
+    click.echo(f"saved {output}: {len(qm.ir.nodes)} IR nodes, target {target}")
+    for note in qm.notes:
+        click.echo(f"note: {note}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def show(path):
+    """Print the integer graph of a saved model."""
+    click.echo(fxq.load(path).ir)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+def export(path, output):
+    """Export a saved model as an ONNX QDQ model."""
+    qm = fxq.load(path)
+    model = qm.export_onnx(output)
+    click.echo(f"wrote {output}: {len(model.graph.node)} ONNX nodes, opset {model.opset_import[0].version}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def report(path):
+    """Per-layer formats and shifts of a saved model (SQNR needs the float model: use qm.report(x))."""
+    click.echo(fxq.load(path).report())
+
+
+@main.command()
+def targets():
+    """List the registered hardware targets."""
+    rows = [t.as_row() for t in fxq.targets().values()]
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def run():
+    """Entry point that turns fxq's own errors into one clear line and exit status 1."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (FxqError, FileNotFoundError) as exc:
+        click.echo(f"fxq: error: {exc}", err=True)
+        sys.exit(1)
