@@ -1,0 +1,66 @@
+"""The fxq command line, driven through click's runner on a model outside the zoo."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fxq.cli import main
+
+
+def small_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    out = tmp_path / "m.fxq"
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "saved" in r.output
+    return out
+
+
+def test_show_prints_the_integer_graph(saved):
+    r = CliRunner().invoke(main, ["show", str(saved)])
+    assert r.exit_code == 0
+    assert "conv2d_int(" in r.output and "requant(" in r.output and "dequantize(" in r.output
+
+
+def test_export_writes_a_checked_onnx_model(saved, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = CliRunner().invoke(main, ["export", str(saved), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_report_and_targets(saved):
+    r = CliRunner().invoke(main, ["report", str(saved)])
+    assert r.exit_code == 0 and "rescales (all shifts, no multipliers)" in r.output
+    r = CliRunner().invoke(main, ["targets"])
+    assert r.exit_code == 0 and "shift-int" in r.output
+
+
+def test_compile_with_overrides_and_data_free(tmp_path):
+    out = tmp_path / "m.fxq"
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--data-free",
+                                  "--input-shape", "1,1,12,12", "--input-range", "-1,1", "--set", "w_bits=6", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "note: data-free" in r.output
+    r = CliRunner().invoke(main, ["show", str(out)])
+    assert "w:i6[" in r.output
+
+
+def test_bad_override_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(tmp_path / "m.fxq"), "--data-free",
+                                  "--input-shape", "1,1,12,12", "--set", "w_bits"])
+    assert r.exit_code != 0 and "name=value" in r.output
+
+
+def test_model_outside_zoo_needs_data(tmp_path):
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(tmp_path / "m.fxq")])
+    assert r.exit_code != 0 and "--calib-npy" in r.output
