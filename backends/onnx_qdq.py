@@ -148,11 +148,10 @@ class _Builder:
             raise ExportError(f"IR node %{acc.name}: {w.dtype} weights have no QDQ form here")
         w_frac = tuple(int(f) for f in acc.attrs["w_frac"])
         acc_frac = tuple(int(f) for f in acc.out.frac)
-        zw = self.const(f"{acc.name}_w_zp", np.zeros(len(w_frac), np.int8))
-        zb = self.const(f"{acc.name}_b_zp", np.zeros(len(w_frac), np.int32))
         if not int8_kernel_safe(w):
             w = w.astype(np.int16)
-            zw = self.const(f"{acc.name}_w_zp16", np.zeros(len(w_frac), np.int16))
+        zw = self.const(f"{acc.name}_w_zp", np.zeros(len(w_frac), w.dtype))
+        zb = self.const(f"{acc.name}_b_zp", np.zeros(len(w_frac), np.int32))
         wq = self.const(f"{acc.name}_w", w)
         bq = self.const(f"{acc.name}_b", b.astype(np.int32))
         if acc.op is Op.CONV2D_INT:

@@ -1,7 +1,8 @@
 """Reference backend: executes the integer IR in numpy, bit-exactly, one small class per op.
 
-Codes travel as int64 arrays. Integer GEMMs run in float64 BLAS when the verifier's accumulator
-bound proves every partial sum is an integer below 2**53 (exact), and in int64 otherwise.
+Codes travel as int64 arrays. Integer GEMMs run in float32 BLAS when the verifier's accumulator bound
+proves every partial sum is an integer below 2**24, in float64 below 2**53, and in int64 otherwise:
+each is exact, whatever order BLAS sums in.
 """
 from __future__ import annotations
 
@@ -9,18 +10,32 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fxq.errors import InputError
-from fxq.formats import FP64_EXACT_BITS, IntRange, Rounding, exp2, quantize_np, requant_np
+from fxq.formats import FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, exp2, quantize_np, requant_np
 from fxq.ir import Graph, Node, Op
 
 BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
-ROWS_PER_CHUNK = 1 << 15            # im2col rows per GEMM call: bounds memory on large batches
+
+
+COLUMN_BUDGET = 1 << 22          # im2col elements per chunk (32 MiB in float64)
+
+
+def exact_dtype(bound: int):
+    """The fastest dtype whose GEMM is exact for integer sums up to ``bound`` (the verifier's bound)."""
+    if bound < 2 ** FP32_EXACT_BITS:
+        return np.float32
+    if bound < BLAS_EXACT_LIMIT:
+        return np.float64
+    return np.int64
+
+
+def _to_int(acc: np.ndarray) -> np.ndarray:
+    return acc.astype(np.int64) if acc.dtype == np.int64 else np.rint(acc).astype(np.int64)
 
 
 def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
-    """a @ b for integer arrays; float64 BLAS when no sum can reach 2**53, else int64."""
-    if bound < BLAS_EXACT_LIMIT:
-        return np.rint(np.matmul(a.astype(np.float64), b.astype(np.float64))).astype(np.int64)
-    return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    """a @ b for integer arrays, in the fastest dtype that is provably exact for the bound."""
+    dtype = exact_dtype(bound)
+    return _to_int(np.matmul(a.astype(dtype), b.astype(dtype)))
 
 
 class OpRun:
@@ -49,23 +64,29 @@ class Dequantize(OpRun):
 
 
 class Conv2dInt(OpRun):
+    """im2col + one GEMM per group, in batch chunks so the column matrix stays small."""
     op = Op.CONV2D_INT
 
     def run(self, node, x):
-        a, w, b = node.attrs, node.consts["w"].astype(np.int64), node.consts["b"].astype(np.int64)
+        a, w, b = node.attrs, node.consts["w"], node.consts["b"].astype(np.int64)
         (ph, pw), (sh, sw), (dh, dw), groups = a["padding"], a["stride"], a["dilation"], a["groups"]
         out_c, cg, kh, kw = w.shape
-        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-        win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-        win = win[:, :, ::sh, ::sw, ::dh, ::dw]                    # [N, C, OH, OW, KH, KW]
-        n, _, oh, ow = win.shape[:4]
-        cols = win.reshape(n, groups, cg, oh, ow, kh * kw).transpose(1, 0, 3, 4, 2, 5).reshape(groups, n * oh * ow, cg * kh * kw)
-        wg = w.reshape(groups, out_c // groups, cg * kh * kw).transpose(0, 2, 1)
-        bound = node.out.max_abs
-        parts = [_exact_matmul(cols[:, i:i + ROWS_PER_CHUNK], wg, bound) for i in range(0, cols.shape[1], ROWS_PER_CHUNK)]
-        acc = np.concatenate(parts, axis=1)                        # [G, N*OH*OW, O/G]
-        acc = acc.reshape(groups, n, oh, ow, out_c // groups).transpose(1, 0, 4, 2, 3).reshape(n, out_c, oh, ow)
-        return acc + b[None, :, None, None]
+        dtype = exact_dtype(node.out.max_abs)
+        oh, ow = node.out.shape[2], node.out.shape[3]
+        og = out_c // groups
+        wg = w.astype(dtype).reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)     # [G, C/G*KH*KW, O/G]
+        chunk = max(1, COLUMN_BUDGET // max(1, oh * ow * cg * kh * kw * groups))
+        outs = []
+        for start in range(0, x.shape[0], chunk):
+            xp = np.pad(x[start:start + chunk].astype(dtype), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+            win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+            win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]                  # [n, C, OH, OW, KH, KW]
+            n = win.shape[0]
+            cols = win.reshape(n, groups, cg, oh, ow, kh * kw).transpose(1, 0, 3, 4, 2, 5).reshape(groups, n * oh * ow, -1)
+            acc = np.matmul(cols, wg)                                               # [G, n*OH*OW, O/G]
+            outs.append(acc.reshape(groups, n, oh, ow, og).transpose(1, 0, 4, 2, 3).reshape(n, out_c, oh, ow))
+        acc = np.concatenate(outs)
+        return _to_int(acc) + b[None, :, None, None]
 
 
 class LinearInt(OpRun):

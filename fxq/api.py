@@ -94,6 +94,7 @@ class QuantizedModel:
         self.target = target
         self.notes = list(notes)
         self._float = reference
+        self._fake64 = None          # float64 copy of the fake-quant model, made on first use
 
     # -- execution ---------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +110,10 @@ class QuantizedModel:
         if self.fake is None:
             raise InputError("this model was loaded from disk and has no fake-quant torch graph; use run_codes")
         self._check(x)
-        fake64 = copy.deepcopy(self.fake).double()
+        if self._fake64 is None:
+            self._fake64 = copy.deepcopy(self.fake).double()
         with torch.no_grad():
-            out = fake64(x.double()).numpy()
+            out = self._fake64(x.double()).numpy()
         frac = self.ir.types()[self.ir.node(self.ir.output).inputs[0]].frac
         return np.rint(out * exp2(frac)).astype(np.int64)
 

@@ -28,6 +28,7 @@ ACC_BITS = 32            # accumulator width of every built-in target
 FP32_EXACT_BITS = 24     # float32 holds every integer of magnitude <= 2**24 exactly
 FP64_EXACT_BITS = 53     # float64 likewise, for BLAS-backed exact integer GEMM
 FRAC_LIMITS = (-64, 96)  # fractional lengths outside this are a bug, not a format
+FLOAT_SHIFT_LIMIT = 2**51  # below this, acc * 2**-s and acc * 2**-s + 0.5 are exact float64 values
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ def shift_round_np(acc: np.ndarray, shift, mode: Rounding = DEFAULT_ROUNDING) ->
     """
     acc = np.asarray(acc, dtype=np.int64)
     shift = np.asarray(shift, dtype=np.int64)
+    if acc.size and np.abs(acc).max() < FLOAT_SHIFT_LIMIT and shift.max(initial=0) < 64 and shift.min(initial=0) > -32:
+        # acc * 2**-shift is exact in float64 here, so rounding it is the same as the integer rule below.
+        return round_np(acc * np.exp2(-shift.astype(np.float64)), mode).astype(np.int64)
     right = np.maximum(shift, 0)
     left = np.maximum(-shift, 0)
     q = acc >> right                                   # floor division by 2**right

@@ -84,3 +84,29 @@ def test_search_frac_trades_clipping_for_rounding():
     assert best > f0
     err = lambda f: ((quantize_np(x, f, r) * 2.0 ** -f - x) ** 2).sum()  # noqa: E731
     assert err(best) < err(f0)
+
+
+def _python_round(acc: int, shift: int, mode: Rounding) -> int:
+    """Reference rule in Python integers (unbounded): floor, then the mode's tie/up decision."""
+    if shift <= 0:
+        return acc << -shift
+    q, r = divmod(acc, 1 << shift)
+    half = 1 << (shift - 1)
+    up = {Rounding.HALF_EVEN: r > half or (r == half and q % 2 == 1), Rounding.HALF_UP: r >= half,
+          Rounding.HALF_AWAY: r > half or (r == half and acc >= 0), Rounding.FLOOR: False}[mode]
+    return q + int(up)
+
+
+@given(st.integers(-2**62, 2**62), st.integers(-1, 40), st.sampled_from(MODES))
+def test_shift_round_integer_path_for_huge_accumulators(acc, shift, mode):
+    """Beyond 2**51 the float shortcut is not exact; the integer path must give the same answer."""
+    want = _python_round(acc, shift, mode)
+    if abs(want) < 2**62:
+        assert shift_round_np(np.array([acc]), shift, mode)[0] == want
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float_and_integer_paths_agree_at_ties(mode):
+    small = np.array([5, -5, 7, -7, 6, -6])
+    big = small * 2**52                              # same ratios, forced onto the integer path
+    assert (shift_round_np(big, 53, mode) == shift_round_np(small, 1, mode)).all()

@@ -1,0 +1,179 @@
+"""make bench: fxq against FP32, torch.ao FX PTQ and ONNX Runtime quantize_static, in one run.
+
+For every zoo model, on the full Fashion-MNIST test set (10k real images), calibration on 512 training
+images: accuracy, compile/calibration seconds, ONNX Runtime latency at batch 1 and 64 (FP32 vs fxq's
+export vs ORT's own quantized model), reference-backend throughput and the three-executor exactness
+rate. Writes docs/bench.md and docs/bench.json, and the table into README.md between the markers.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import baselines  # noqa: E402
+
+import fxq  # noqa: E402
+from fxq import data, zoo  # noqa: E402
+from fxq.backends import onnx_qdq  # noqa: E402
+
+README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _batched(fn, x, batch=500) -> np.ndarray:
+    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def _acc(logits: np.ndarray, y: np.ndarray) -> float:
+    return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
+
+
+def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> list[dict]:
+    y = test_y.numpy()
+    model = zoo.load(name)
+    rows = []
+    fp32_logits = _batched(lambda b: model(b).detach().numpy(), test_x)
+    fp32 = _acc(fp32_logits, y)
+    fp32_onnx = tmp / f"{name}_fp32.onnx"
+    baselines.export_fp32_onnx(model, test_x[:1], fp32_onnx)
+    fp32_sess = baselines.ort_session(fp32_onnx, intra_op_num_threads=threads)
+    lat_fp32 = {b: baselines.latency_ms(baselines.ort_fn(fp32_sess), test_x[:b]) for b in (1, 64)}
+    rows.append({"model": name, "method": "FP32 (torch)", "bits": "W32A32", "accuracy": fp32, "delta": 0.0,
+                 "seconds": 0.0, "lat1_ms": lat_fp32[1], "lat64_ms": lat_fp32[64], "exact": None})
+
+    def add(method, bits, logits, seconds, lat=None, exact=None, extra=None):
+        acc = _acc(logits, y)
+        row = {"model": name, "method": method, "bits": bits, "accuracy": acc, "delta": round(acc - fp32, 2),
+               "seconds": round(seconds, 1), "lat1_ms": lat[1] if lat else None,
+               "lat64_ms": lat[64] if lat else None, "exact": exact}
+        row.update(extra or {})
+        rows.append(row)
+        print(f"  {method:<44} {bits:<6} acc {acc:6.2f}  delta {acc - fp32:+.2f}  {seconds:7.1f} s", flush=True)
+
+    # fxq shift-int, calibrated and data-free
+    for label, kwargs in (("fxq shift-int (calibrated)", {"calib_data": calib_x}),
+                          ("fxq shift-int (data-free, BN statistics)",
+                           {"calib_data": None, "input_shape": (1, 1, 28, 28),
+                            "input_range": (float(data.normalize(np.zeros(1, np.uint8))[0]),
+                                            float(data.normalize(np.full(1, 255, np.uint8))[0]))})):
+        qm, secs = _timed(lambda: fxq.compile(model, target="shift-int", progress=False, **kwargs))
+        (ref_codes, ref_secs) = _timed(lambda: _batched(qm.run_codes, test_x))
+        fake_codes = _batched(qm.fake_codes, test_x)
+        path = tmp / f"{name}_fxq.onnx"
+        qm.export_onnx(path)
+        sess = onnx_qdq.session(path, threads=threads)
+        run = lambda b: onnx_qdq.output_codes(qm.ir, sess.run([onnx_qdq.ONNX_OUTPUT], {onnx_qdq.ONNX_INPUT: b.numpy()})[0])  # noqa: E731
+        ort_codes = _batched(run, test_x)
+        same = float(((ref_codes == ort_codes).all(1) & (ref_codes == fake_codes).all(1)).mean())
+        lat = {b: baselines.latency_ms(lambda t: sess.run(None, {"input": t.numpy()}), test_x[:b]) for b in (1, 64)}
+        add(label, "W8A8", ref_codes, secs, lat, round(100 * same, 2),
+            {"ref_images_per_s": round(len(test_x) / ref_secs, 1)})
+
+    # torch.ao FX PTQ
+    for cfg_name, cfg in baselines.torch_ao_fx_configs().items():
+        try:
+            qmodel, secs = _timed(lambda: baselines.torch_ao_fx_int8(model, list(calib_x.split(64)), test_x[:1], **cfg))
+            logits = _batched(baselines.torch_fn(qmodel), test_x)
+            add(f"torch.ao FX PTQ ({cfg_name})", "W8A8", logits, secs)
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            print(f"  torch.ao FX {cfg_name}: failed: {exc}")
+
+    # ONNX Runtime quantize_static (QDQ, per-channel, MinMax) with ORT's kernels and float-emulated
+    for cfg_name in ("u8-MinMax", "s8-MinMax"):
+        cfg = baselines.ort_configs()[cfg_name]
+        out = tmp / f"{name}_ort_{cfg_name}.onnx"
+        try:
+            _, secs = _timed(lambda: baselines.ort_quantize_static(fp32_onnx, out, list(calib_x.split(64)), **cfg))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  ORT quantize_static {cfg_name}: failed: {exc}")
+            continue
+        sess = baselines.ort_session(out, intra_op_num_threads=threads)
+        lat = {b: baselines.latency_ms(baselines.ort_fn(sess), test_x[:b]) for b in (1, 64)}
+        add(f"ORT quantize_static ({cfg_name}, ORT kernels)", "W8A8", _batched(baselines.ort_fn(sess), test_x), secs, lat)
+        emu = baselines.ort_float_emulated_session(out, intra_op_num_threads=threads)
+        add(f"ORT quantize_static ({cfg_name}, float-emulated)", "W8A8", _batched(baselines.ort_fn(emu), test_x), secs)
+    for r in rows:
+        if r["lat1_ms"] is not None:
+            r["lat1_ratio"] = round(r["lat1_ms"] / lat_fp32[1], 2)
+            r["lat64_ratio"] = round(r["lat64_ms"] / lat_fp32[64], 2)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = ("| model | method | bits | accuracy % | Δ vs FP32 | compile s | ORT latency b=1 (×FP32) | "
+            "ORT latency b=64 (×FP32) | exact % |")
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        lat = lambda k, rk: f"{r[k]:.2f} ms ({r[rk]:.2f}×)" if r.get(k) is not None else "–"  # noqa: E731
+        exact = f"{r['exact']:.2f}" if r.get("exact") is not None else "–"
+        out.append(f"| {r['model']} | {r['method']} | {r['bits']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
+                   f"{r['seconds']:.1f} | {lat('lat1_ms', 'lat1_ratio')} | {lat('lat64_ms', 'lat64_ratio')} | {exact} |")
+    ref = [f"{r['model']}: {r['ref_images_per_s']} images/s" for r in rows if r.get("ref_images_per_s")]
+    out += ["", f"Reference backend throughput (numpy, calibrated / data-free): {'; '.join(ref)}.",
+            f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} "
+            f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, {meta['threads']} ORT thread(s)); "
+            f"test set: {meta['test_images']} images, calibration: {meta['calib_images']} training images."]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=zoo.names())
+    p.add_argument("--calib", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--no-readme", action="store_true")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    if not data.fashion_mnist_available():
+        sys.exit("bench needs the real Fashion-MNIST test set: `make fashion-mnist` (Debian dataset-fashion-mnist)")
+    train_x, _ = data.load_fashion_mnist("train")
+    calib_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.calib]]
+    test_x, test_y = data.load_fashion_mnist("test")
+    if args.limit:
+        test_x, test_y = test_x[: args.limit], test_y[: args.limit]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            print(f"[{name}]", flush=True)
+            rows += bench_model(name, calib_x, test_x, test_y, Path(tmp), args.threads)
+    meta = {"date": dt.date.today().isoformat(), "command": "make bench" if argv is None and len(sys.argv) == 1
+            else "python tools/bench.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
+            "test_images": len(test_x), "calib_images": len(calib_x)}
+    args.out.mkdir(exist_ok=True)
+    md = markdown(rows, meta)
+    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "bench.md").write_text("# fxq benchmark\n\n" + md + "\n")
+    if not args.no_readme:
+        readme = (ROOT / "README.md").read_text()
+        if README_BEGIN in readme and README_END in readme:
+            pre, rest = readme.split(README_BEGIN, 1)
+            post = rest.split(README_END, 1)[1]
+            (ROOT / "README.md").write_text(f"{pre}{README_BEGIN}\n{md}\n{README_END}{post}")
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()
