@@ -27,22 +27,23 @@ class Observer:
         self._kept = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1).double()
+        x = x.detach().reshape(-1)
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
+        lo, hi = (float(v) for v in torch.aminmax(x))        # NaN propagates, inf shows: one pass checks both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             bad = int((~torch.isfinite(x)).sum())
             raise CalibrationError(f"tensor '{self.name}' holds {bad} NaN/inf values during calibration; "
                                    f"check the calibration data and the model's float outputs")
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
         self.count += x.numel()
-        self.sum += float(x.sum())
-        self.sumsq += float((x * x).sum())
+        self.sum += float(x.sum(dtype=torch.float64))
+        self.sumsq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
         # Keep a per-batch share of the sample so every batch is represented.
         take = min(x.numel(), max(1, self.sample_size // 8))
         idx = torch.randint(0, x.numel(), (take,), generator=self._gen)
-        self._sample.append(x[idx])
+        self._sample.append(x[idx].double())
         self._kept += take
         if self._kept > 4 * self.sample_size:
             self._compact()
