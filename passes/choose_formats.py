@@ -17,7 +17,7 @@ import torch.fx as fx
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import search_frac
+from fxq.formats import int_range, search_frac
 from fxq.qtypes import ActFormat, WeightFormat
 from fxq.walk import is_nonnegative, weighted_layers
 
@@ -44,7 +44,10 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
         fmt = activation_format(node, t)
         sample = np.clip(obs.sample(), *fmt.clamp)
-        frac = search_frac(sample[None, :], fmt.range, t.exp_search_radius, t.rounding)[0]
+        # Search over the dtype's codes: the clamp already bounds the sample, and fmt.range at frac 0
+        # would be the clamp itself ([0, 6] for ReLU6), not the codes available.
+        codes = int_range(fmt.bits, fmt.signed)
+        frac = search_frac(sample[None, :], codes, t.exp_search_radius, t.rounding)[0]
         node.meta[meta.ACT_FMT] = fmt.with_frac(int(frac))
     for node, module in weighted_layers(gm):
         w = module.weight.detach().double().numpy()
