@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import meta
 from .context import CompileContext
 from .errors import CalibrationError, InputError, LoadError
 from .formats import exp2
-from .ir import Graph, Op
+from .ir import Graph
 from .lower import lower
 from .pipeline import run_passes
 from .targets import Target, get_target
@@ -67,9 +66,6 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
         else:
             raise CalibrationError("without calibration data fxq needs example_input= or input_shape= "
                                    "to know the model's input")
-    if input_range is not None and example_input is not None and batches is None:
-        lo, hi = input_range
-        example_input = torch.linspace(lo, hi, example_input.numel()).reshape(example_input.shape)
     batches = check_batches(batches, example_input)
     was_training = model.training
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import ACC_RANGE, IntRange, Rounding, fake_quant
+from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range
 from .qtypes import ActFormat, WeightFormat
 
 
@@ -81,10 +81,16 @@ class QLinear(_QWeighted):
         return F.linear(x, self.qweight().to(x.dtype), self.qbias().to(x.dtype))
 
 
+def clamp_codes(lo: float, hi: float, frac: int) -> IntRange:
+    """The codes a clamp to [lo, hi] keeps at ``frac`` (infinite bounds: the widest codes)."""
+    return ActFormat(frac, 32, True, (lo, hi)).range
+
+
 def on_grid_clamp(lo: float, hi: float, frac: int) -> tuple[float, float]:
     """A standalone clamp on codes at ``frac``: bounds moved to the grid the integer graph clamps at."""
-    rng = ActFormat(frac, 32, True, (lo, hi)).range
-    return rng.lo * 2.0 ** -frac, rng.hi * 2.0 ** -frac
+    rng = clamp_codes(lo, hi, frac)
+    full = int_range(32, True)
+    return (rng.lo * 2.0 ** -frac if rng.lo > full.lo else lo, rng.hi * 2.0 ** -frac if rng.hi < full.hi else hi)
 
 
 def set_quantization(gm: nn.Module, enabled: bool) -> None:

@@ -77,12 +77,6 @@ def exp2(n: int) -> float:
     return math.ldexp(1.0, int(n))
 
 
-def check_frac(frac: int, what: str) -> int:
-    if int(frac) != frac or not FRAC_LIMITS[0] <= frac <= FRAC_LIMITS[1]:
-        raise ValueError(f"{what}: fractional length {frac!r} is not an integer in {FRAC_LIMITS}")
-    return int(frac)
-
-
 # ---------------------------------------------------------------------------------------------
 # rounding of real numbers (torch and numpy): used by quantize and by the fake-quant model
 # ---------------------------------------------------------------------------------------------

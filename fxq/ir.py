@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from .errors import LoadError, VerifyError
-from .formats import ACC_BITS, DTYPE_RANGES, FP32_EXACT_BITS, FRAC_LIMITS, IntRange
+from .errors import LoadError
+from .formats import ACC_BITS, FP32_EXACT_BITS, FRAC_LIMITS
 
 FORMAT_VERSION = 1
 
@@ -130,9 +130,6 @@ class Graph:
             g.add_edges_from((i, n.name) for i in n.inputs)
         return g
 
-    def count(self, op: Op) -> int:
-        return sum(n.op is op for n in self.nodes)
-
     # -- printing -------------------------------------------------------------------------------
     def __str__(self) -> str:
         rows = [(f"%{n.name}", f"{n.op.value}({', '.join(self._arg_text(n))})", f"-> {n.out.short()}") for n in self.nodes]
@@ -149,7 +146,7 @@ class Graph:
         a = n.attrs
         ins = [f"%{i}" if i != self.input_name else f"{i}:{self.input_type.short()}" for i in n.inputs]
         if n.op in (Op.CONV2D_INT, Op.LINEAR_INT):
-            w, b = n.consts["w"], n.consts["b"]
+            w = n.consts["w"]
             ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] f={_frac_text(tuple(a['w_frac']))}")
             ins.append(f"b:i32 f={_frac_text(n.out.frac)}")
             if n.op is Op.CONV2D_INT:
@@ -245,10 +242,6 @@ def _jsonable_attrs(attrs: dict) -> dict:
 
 def _attrs_from_json(attrs: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
-
-
-def dtype_range(dtype: str) -> IntRange:
-    return DTYPE_RANGES[dtype]
 
 
 __all__ = ["Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS"]

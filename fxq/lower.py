@@ -13,8 +13,8 @@ import torch.fx as fx
 
 from . import meta
 from .errors import UnsupportedOp, describe_node
-from .fakequant import FakeQuant, QConv2d, QLinear
-from .formats import ACC_RANGE, exp2, quantize_np
+from .fakequant import QConv2d, QLinear, clamp_codes
+from .formats import ACC_RANGE, quantize_np
 from .ir import Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
@@ -153,9 +153,9 @@ class _Lowerer:
             return self.emit(node.name, Op.PAD_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi),
                              {"pads": tuple(int(p) for p in node.args[1])})
         if kind in ("relu", "clamp"):
-            lo_v, hi_v = (0.0, float("inf")) if kind == "relu" else (node.args[1], node.args[2])
-            lo = int(max(t.lo, np.ceil(lo_v * exp2(t.frac) - 1e-9))) if np.isfinite(lo_v) else t.lo
-            hi = int(min(t.hi, np.floor(hi_v * exp2(t.frac) + 1e-9))) if np.isfinite(hi_v) else t.hi
+            bounds = (0.0, float("inf")) if kind == "relu" else (node.args[1], node.args[2])
+            codes = clamp_codes(*bounds, t.frac)
+            lo, hi = max(t.lo, codes.lo), min(t.hi, codes.hi)
             return self.emit(node.name, Op.CLAMP_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi), {"lo": lo, "hi": hi})
         raise UnsupportedOp(f"{describe_node(node)}: no integer op for pass-through kind {kind!r}")
 

@@ -37,7 +37,7 @@ class _Tracer(fx.Tracer):
         self.fxq_module_stack.append((self.path_of_module(m) or "<root>", type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
-        except Exception as exc:
+        except Exception:
             if self.failed_in is None:         # the innermost module is the first to see the failure
                 self.failed_in = self.fxq_module_stack[-1]
             raise

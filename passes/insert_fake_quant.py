@@ -10,7 +10,6 @@ Writes: submodules ``fq_<node>`` and the quantized layers; FakeQuant nodes carry
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 

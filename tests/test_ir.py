@@ -8,7 +8,7 @@ import pytest
 import fxq
 from conftest import tiny
 from fxq.errors import LoadError, VerifyError
-from fxq.ir import Graph, Op, TensorType
+from fxq.ir import Op, TensorType
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from conftest import TINY_MODELS, tiny
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.passes import (PIPELINE, calibrate, canonicalize, choose_formats, data_free_stats, fold_bn,
-                        fold_pool_divisor, insert_observers, propagate_shapes, share_scales)
+                        fold_pool_divisor, insert_observers, share_scales)
 from fxq.pipeline import run_passes
 from fxq.targets import get_target
 from fxq.trace import trace
