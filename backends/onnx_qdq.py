@@ -243,9 +243,14 @@ def session(model_or_path, optimized: bool = True, threads: int = 1):
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+def session_codes(g: Graph, sess, x) -> np.ndarray:
+    """Output codes of ``g``'s export run by an existing session."""
+    x = x.numpy() if hasattr(x, "numpy") else x
+    return output_codes(g, sess.run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0])
+
+
 def run_codes(g: Graph, model_or_path, x: np.ndarray, optimized: bool = True) -> np.ndarray:
-    out = session(model_or_path, optimized).run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0]
-    return output_codes(g, out)
+    return session_codes(g, session(model_or_path, optimized), x)
 
 
 def debug_codes(g: Graph, x: np.ndarray, optimized: bool = True) -> dict[str, np.ndarray]:

@@ -53,12 +53,6 @@ def _fmnist_split(calib: int, seed: int):
             f"0..{half - 1}, evaluation on {half}..{len(x) - 1}")
 
 
-def _batched(fn, x: torch.Tensor, batch: int = 500, desc: str = "", quiet: bool = False) -> np.ndarray:
-    from tqdm.auto import tqdm
-    outs = [fn(x[i:i + batch]) for i in tqdm(range(0, len(x), batch), desc=desc, disable=quiet, leave=False)]
-    return np.concatenate(outs)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(fxq.__version__, prog_name="fxq")
 def main():
@@ -74,7 +68,7 @@ def main():
 def demo(model_name, target, calib, seed, quiet):
     """Compile a bundled model, print its integer graph, accuracy and the three-executor check."""
     from fxq import zoo
-    from fxq.backends import onnx_qdq
+    from fxq.evaluate import agreeing, batched, executor_codes
     model = zoo.load(model_name)
     calib_x, test_x, test_y, provenance = _fmnist_split(calib, seed)
     click.echo(f"model: {model_name} ({zoo.provenance(model_name).get('fp32_test_accuracy', '?')}% FP32 recorded); {provenance}")
@@ -83,17 +77,15 @@ def demo(model_name, target, calib, seed, quiet):
     click.echo(f"compiled for {target} in {time.perf_counter() - t0:.1f} s\n")
     click.echo(qm.ir)
     with torch.no_grad():
-        fp32 = _batched(lambda b: model(b).numpy(), test_x, desc="fp32", quiet=quiet)
-    ref = _batched(qm.run_codes, test_x, desc="reference backend", quiet=quiet)
-    fake = _batched(qm.fake_codes, test_x, desc="fake-quant (float64)", quiet=quiet)
-    model_onnx = onnx_qdq.build(qm.ir)
-    ort = _batched(lambda b: onnx_qdq.run_codes(qm.ir, model_onnx, b.numpy()), test_x, desc="onnxruntime", quiet=quiet)
+        fp32 = batched(lambda b: model(b).numpy(), test_x, desc="fp32", progress=not quiet)
+    codes, _ = executor_codes(qm, test_x, progress=not quiet)
+    ref = codes["reference"]
     y = test_y.numpy()
     acc = lambda logits: 100.0 * float((logits.argmax(1) == y).mean())  # noqa: E731
     n = len(y)
     click.echo(f"\naccuracy on {n} test images: FP32 {acc(fp32):.2f}%   {target} {acc(ref):.2f}%   "
                f"delta {acc(ref) - acc(fp32):+.2f} points")
-    same = (ref == ort).all(axis=1) & (ref == fake).all(axis=1)
+    same = agreeing(codes)
     click.echo(f"exactness: reference == onnxruntime == fake-quant on {int(same.sum())}/{n} images "
                f"({100.0 * same.mean():.2f}%), output codes compared bit for bit")
     for note in qm.notes:
@@ -164,12 +156,9 @@ def report(path):
 @main.command()
 def targets():
     """List the registered hardware targets."""
+    from fxq.report import format_table
     rows = [t.as_row() for t in fxq.targets().values()]
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    click.echo(format_table(rows, list(rows[0])))
 
 
 def run():

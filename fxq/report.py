@@ -24,17 +24,22 @@ class Report:
         return {"rows": self.rows, "summary": self.summary, "notes": self.notes}
 
     def __str__(self) -> str:
-        cols = ["layer", "op", "weights", "activation", "shift", "SQNR dB"]
-        table = [[str(r[c]) for c in cols] for r in self.rows]
-        widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-        line = lambda vals: "  ".join(v.ljust(w) if i < 5 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-        out = [line(cols), line(["-" * w for w in widths])] + [line(t) for t in table]
-        out.append("")
+        out = [format_table(self.rows, ["layer", "op", "weights", "activation", "shift", "SQNR dB"], right={"SQNR dB"}), ""]
         out += [f"{k}: {v}" for k, v in self.summary.items()]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
     __repr__ = __str__
+
+
+def format_table(rows: list[dict], cols: list[str], right: set = frozenset()) -> str:
+    """A plain-text table for a terminal: header, rule, one line per row; ``right`` columns right-aligned."""
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(cols, vals, widths)).rstrip()
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(row) for row in cells])
 
 
 def _sqnr_db(ref: np.ndarray, q: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxq.backends import onnx_qdq
+from fxq.evaluate import executor_codes
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -121,9 +121,7 @@ def images():
 
 def three_executors(qm, x: torch.Tensor) -> dict[str, np.ndarray]:
     """Output codes of the reference backend, the float64 fake-quant model and ONNX Runtime."""
-    model = onnx_qdq.build(qm.ir)
-    return {"reference": qm.run_codes(x), "fake_quant": qm.fake_codes(x),
-            "onnxruntime": onnx_qdq.run_codes(qm.ir, model, x.numpy())}
+    return executor_codes(qm, x, batch=len(x))[0]
 
 
 def assert_three_executors(qm, x: torch.Tensor) -> None:

@@ -28,6 +28,7 @@ import baselines  # noqa: E402
 import fxq  # noqa: E402
 from fxq import data, zoo  # noqa: E402
 from fxq.backends import onnx_qdq  # noqa: E402
+from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -38,10 +39,6 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _batched(fn, x, batch=500) -> np.ndarray:
-    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
 
@@ -50,7 +47,7 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
     y = test_y.numpy()
     model = zoo.load(name)
     rows = []
-    fp32_logits = _batched(lambda b: model(b).detach().numpy(), test_x)
+    fp32_logits = batched(lambda b: model(b).detach().numpy(), test_x)
     fp32 = _acc(fp32_logits, y)
     fp32_onnx = tmp / f"{name}_fp32.onnx"
     baselines.export_fp32_onnx(model, test_x[:1], fp32_onnx)
@@ -75,14 +72,12 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
                             "input_range": (float(data.normalize(np.zeros(1, np.uint8))[0]),
                                             float(data.normalize(np.full(1, 255, np.uint8))[0]))})):
         qm, secs = _timed(lambda: fxq.compile(model, target="shift-int", progress=False, **kwargs))
-        (ref_codes, ref_secs) = _timed(lambda: _batched(qm.run_codes, test_x))
-        fake_codes = _batched(qm.fake_codes, test_x)
+        codes, exec_secs = executor_codes(qm, test_x)
+        ref_codes, ref_secs = codes["reference"], exec_secs["reference"]
+        same = float(agreeing(codes).mean())
         path = tmp / f"{name}_fxq.onnx"
         qm.export_onnx(path)
         sess = onnx_qdq.session(path, threads=threads)
-        run = lambda b: onnx_qdq.output_codes(qm.ir, sess.run([onnx_qdq.ONNX_OUTPUT], {onnx_qdq.ONNX_INPUT: b.numpy()})[0])  # noqa: E731
-        ort_codes = _batched(run, test_x)
-        same = float(((ref_codes == ort_codes).all(1) & (ref_codes == fake_codes).all(1)).mean())
         lat = {b: baselines.latency_ms(lambda t: sess.run(None, {"input": t.numpy()}), test_x[:b]) for b in (1, 64)}
         add(label, "W8A8", ref_codes, secs, lat, round(100 * same, 2),
             {"ref_images_per_s": round(len(test_x) / ref_secs, 1)})
@@ -91,7 +86,7 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
     for cfg_name, cfg in baselines.torch_ao_fx_configs().items():
         try:
             qmodel, secs = _timed(lambda: baselines.torch_ao_fx_int8(model, list(calib_x.split(64)), test_x[:1], **cfg))
-            logits = _batched(baselines.torch_fn(qmodel), test_x)
+            logits = batched(baselines.torch_fn(qmodel), test_x)
             add(f"torch.ao FX PTQ ({cfg_name})", "W8A8", logits, secs)
         except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
             print(f"  torch.ao FX {cfg_name}: failed: {exc}")
@@ -107,9 +102,9 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
             continue
         sess = baselines.ort_session(out, intra_op_num_threads=threads)
         lat = {b: baselines.latency_ms(baselines.ort_fn(sess), test_x[:b]) for b in (1, 64)}
-        add(f"ORT quantize_static ({cfg_name}, ORT kernels)", "W8A8", _batched(baselines.ort_fn(sess), test_x), secs, lat)
+        add(f"ORT quantize_static ({cfg_name}, ORT kernels)", "W8A8", batched(baselines.ort_fn(sess), test_x), secs, lat)
         emu = baselines.ort_float_emulated_session(out, intra_op_num_threads=threads)
-        add(f"ORT quantize_static ({cfg_name}, float-emulated)", "W8A8", _batched(baselines.ort_fn(emu), test_x), secs)
+        add(f"ORT quantize_static ({cfg_name}, float-emulated)", "W8A8", batched(baselines.ort_fn(emu), test_x), secs)
     for r in rows:
         if r["lat1_ms"] is not None:
             r["lat1_ratio"] = round(r["lat1_ms"] / lat_fp32[1], 2)
