@@ -23,8 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fxq.errors import ExportError
-from fxq.formats import DTYPE_RANGES, exp2, onnx_exact_rounding
-from fxq.ir import Graph, Node, Op, TensorType
+from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, exp2, onnx_exact_rounding
+from fxq.ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
 
 OPSET = 21
 IR_VERSION = 10
@@ -33,7 +33,35 @@ ONNX_OUTPUT = "output"
 # How each IR code dtype travels in ONNX: (ONNX element type, numpy dtype, zero point).
 CARRIERS = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.INT8, np.int8, -128)}
 INT16_MAX = 2**15 - 1
+FP32_EXACT_LIMIT = 2**FP32_EXACT_BITS
 ACT_CODE_SPAN = 255      # largest |code| an int8 kernel may see after re-biasing activations to u8
+
+
+def exact_parts(acc: Node, x: TensorType) -> list[tuple[int, int]]:
+    """Input-channel slices of a weighted node whose partial sums provably stay within 2**24 (float32 exact).
+
+    One slice when the whole accumulator fits; otherwise greedy contiguous slices. Grouped convolutions
+    are not sliced (their channels interleave groups): they must fit whole.
+    """
+    w = np.abs(weight_codes(acc)).astype(np.float64)
+    cols = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2) * x.max_abs          # [O, C]
+    if cols.sum(axis=1).max() <= FP32_EXACT_LIMIT:
+        return [(0, w.shape[1])]
+    if acc.attrs.get("groups", 1) != 1:
+        raise ExportError(f"IR node %{acc.name}: a grouped convolution whose accumulator can pass 2**24; ONNX "
+                          f"Runtime's float32 Conv could round it")
+    unit = int(acc.attrs.get("cluster_size", 1))          # slices keep clusters whole ...
+    unit = 1 if unit >= w.shape[1] else unit               # ... unless one cluster spans the filter
+    parts, start, running = [], 0, np.zeros(w.shape[0])
+    for c in range(0, w.shape[1], unit):
+        col = cols[:, c:c + unit].sum(axis=1)
+        if col.max() > FP32_EXACT_LIMIT:
+            raise ExportError(f"IR node %{acc.name}: input channels {c}..{c + unit - 1} alone can pass 2**24")
+        if (running + col).max() > FP32_EXACT_LIMIT:
+            parts.append((start, c))
+            start, running = c, np.zeros(w.shape[0])
+        running += col
+    return parts + [(start, w.shape[1])]
 
 
 def int8_kernel_safe(w: np.ndarray) -> bool:
@@ -80,10 +108,11 @@ class _Builder:
     def dq(self, tensor: str) -> str:
         """Float view of an integer tensor (one DequantizeLinear per tensor, shared by its users)."""
         if tensor not in self.dq_cache:
-            t = self.types[tensor]
-            self.dq_cache[tensor] = self.node("DequantizeLinear", [tensor, self.scale(t.frac), self.zero_point(t.dtype)],
-                                              f"{tensor}_dq")
+            self.dq_cache[tensor] = self.dq_of(tensor, self.types[tensor])
         return self.dq_cache[tensor]
+
+    def dq_of(self, codes: str, t: TensorType) -> str:
+        return self.node("DequantizeLinear", [codes, self.scale(t.frac), self.zero_point(t.dtype)], f"{codes}_dq")
 
     def q(self, value: str, out: TensorType, name: str) -> str:
         """Quantize a float tensor to ``out``: Clip first where the code range is narrower than the dtype."""
@@ -104,7 +133,7 @@ class _Builder:
         ins = n.inputs
         if n.op is Op.QUANTIZE:
             self.q(ONNX_INPUT, n.out, n.name)
-        elif n.op in (Op.CONV2D_INT, Op.LINEAR_INT):
+        elif n.op in WEIGHTED_OPS:
             users = consumers.get(n.name, [])
             if len(users) != 1 or users[0].op is not Op.REQUANT:
                 raise ExportError(f"IR node %{n.name}: an accumulator must feed exactly one requant to export as QDQ")
@@ -142,31 +171,86 @@ class _Builder:
         else:
             raise ExportError(f"IR node %{n.name}: the ONNX exporter has no form for op {n.op.value}")
 
-    def weighted(self, acc: Node, rq: Node) -> None:
-        w, b = acc.consts["w"], acc.consts["b"]
+    def weight_dq(self, acc: Node, lo: int = 0, hi: int | None = None, tag: str = "") -> str:
+        """Float weights of input channels [lo, hi) (exact: codes times power-of-two or 8-bit fixed-point
+        scales) for Conv/Gemm. Slicing happens on the constants, never between a DequantizeLinear and its use."""
+        w_frac = tuple(int(f) for f in acc.attrs["w_frac"])
+        if acc.op in CLUSTER_OPS:
+            return self.cluster_dq(acc, w_frac, lo, hi, tag)
+        w = acc.consts["w"][:, lo:hi]
         if w.dtype not in (np.int8, np.int16):
             raise ExportError(f"IR node %{acc.name}: {w.dtype} weights have no QDQ form here")
-        w_frac = tuple(int(f) for f in acc.attrs["w_frac"])
-        acc_frac = tuple(int(f) for f in acc.out.frac)
         if not int8_kernel_safe(w):
             w = w.astype(np.int16)
-        zw = self.const(f"{acc.name}_w_zp", np.zeros(len(w_frac), w.dtype))
-        zb = self.const(f"{acc.name}_b_zp", np.zeros(len(w_frac), np.int32))
-        wq = self.const(f"{acc.name}_w", w)
-        bq = self.const(f"{acc.name}_b", b.astype(np.int32))
-        if acc.op is Op.CONV2D_INT:
-            wd = self.node("DequantizeLinear", [wq, self.scale(w_frac), zw], f"{acc.name}_w_dq", axis=0)
+        zw = self.const(f"{acc.name}_w{tag}_zp", np.zeros(len(w_frac), w.dtype))
+        wq = self.const(f"{acc.name}_w{tag}", w)
+        return self.node("DequantizeLinear", [wq, self.scale(w_frac), zw], f"{acc.name}_w{tag}_dq", axis=0)
+
+    def cluster_dq(self, acc: Node, w_frac: tuple, lo: int, hi: int | None, tag: str) -> str:
+        """Blocked DequantizeLinear: codes along the input-channel axis in blocks of the cluster size, each
+        block with its own scale alpha_code * 2**-frac (an 8-bit mantissa: exact in float32)."""
+        block = int(acc.attrs["cluster_size"])
+        t = acc.consts["t"][:, lo:hi]
+        alpha = acc.consts["alpha"][:, lo // block:None if hi is None else -(-hi // block)].astype(np.float64)
+        unit = np.exp2(-np.asarray(w_frac, np.float64))[:, None]
+        # DequantizeLinear forbids a zero scale; a cluster whose scale code is 0 has all-zero codes anyway
+        scale = np.where(alpha == 0, 1.0, alpha) * unit                               # [O, clusters]
+        scale = np.broadcast_to(scale.reshape(scale.shape + (1,) * (t.ndim - 2)), scale.shape + t.shape[2:])
+        sq = self.const(f"{acc.name}_alpha{tag}", scale.astype(np.float32))
+        tq = self.const(f"{acc.name}_t{tag}", t.astype(np.int8))
+        zq = self.const(f"{acc.name}_t{tag}_zp", np.zeros(scale.shape, np.int8))
+        return self.node("DequantizeLinear", [tq, sq, zq], f"{acc.name}_w{tag}_dq", axis=1, block_size=block)
+
+    def weighted(self, acc: Node, rq: Node) -> None:
+        b, acc_frac = acc.consts["b"], tuple(int(f) for f in acc.out.frac)
+        parts = exact_parts(acc, self.types[acc.inputs[0]])
+        if len(parts) == 1:
+            x, wd = self.dq(acc.inputs[0]), self.weight_dq(acc)
+            zb = self.const(f"{acc.name}_b_zp", np.zeros(len(acc_frac), np.int32))
+            bq = self.const(f"{acc.name}_b", b.astype(np.int32))
             bd = self.node("DequantizeLinear", [bq, self.scale(acc_frac), zb], f"{acc.name}_b_dq", axis=0)
+            self.q(self.product(acc, x, wd, acc.name, bias=bd), rq.out, rq.name)
+            return
+        # Accumulators that may pass 2**24: float32 partial sums over input-channel slices, each provably
+        # below 2**24 (so exact), added in float64 with the bias, then rounded in float64.
+        sums = []
+        codes = acc.inputs[0]
+        for i, (lo, hi) in enumerate(parts):
+            xs = self.dq_of(self.slice(codes, lo, hi, f"{acc.name}_x{i}"), self.types[codes])
+            ws = self.weight_dq(acc, lo, hi, tag=f"_part{i}")
+            y = self.product(acc, xs, ws, f"{acc.name}_part{i}")
+            sums.append(self.node("Cast", [y], f"{acc.name}_part{i}_f64", to=TensorProto.DOUBLE))
+        bias = b.astype(np.float64) * np.exp2(-np.asarray(acc_frac, np.float64))
+        bias = bias.reshape((-1,) + (1,) * (len(acc.out.shape) - 2))
+        sums.append(self.const(f"{acc.name}_b_f64", bias))
+        total = self.node("Sum", sums, f"{acc.name}_f64")
+        self.q_double(total, rq.out, rq.name)
+
+    def product(self, acc: Node, x: str, w: str, name: str, bias: str | None = None) -> str:
+        ins = [x, w] + ([bias] if bias else [])
+        if acc.op in CONV_OPS:
             a = acc.attrs
             ph, pw = a["padding"]
-            y = self.node("Conv", [self.dq(acc.inputs[0]), wd, bd], acc.name, strides=list(a["stride"]),
-                          pads=[ph, pw, ph, pw], dilations=list(a["dilation"]), group=int(a["groups"]),
-                          kernel_shape=list(w.shape[2:]))
-        else:
-            wd = self.node("DequantizeLinear", [wq, self.scale(w_frac), zw], f"{acc.name}_w_dq", axis=0)
-            bd = self.node("DequantizeLinear", [bq, self.scale(acc_frac), zb], f"{acc.name}_b_dq", axis=0)
-            y = self.node("Gemm", [self.dq(acc.inputs[0]), wd, bd], acc.name, transB=1)
-        self.q(y, rq.out, rq.name)
+            return self.node("Conv", ins, name, strides=list(a["stride"]), pads=[ph, pw, ph, pw],
+                             dilations=list(a["dilation"]), group=int(a["groups"]))
+        return self.node("Gemm", ins, name, transB=1)
+
+    def slice(self, tensor: str, lo: int, hi: int, name: str) -> str:
+        starts, ends = self.const(f"{name}_lo", np.array([lo], np.int64)), self.const(f"{name}_hi", np.array([hi], np.int64))
+        return self.node("Slice", [tensor, starts, ends, self.const("axis_1", np.array([1], np.int64))], name)
+
+    def q_double(self, value: str, out: TensorType, name: str) -> str:
+        """QuantizeLinear's rule (round half to even, saturate) on a float64 value, as exact ops."""
+        scaled = self.node("Mul", [value, self.const(f"{name}_scale_f64", np.array(exp2(out.frac), np.float64))],
+                           f"{name}_scaled")
+        rounded = self.node("Round", [scaled], f"{name}_round")
+        lo, hi = self.const(f"{name}_lo", np.array(out.lo, np.float64)), self.const(f"{name}_hi", np.array(out.hi, np.float64))
+        codes = self.node("Clip", [rounded, lo, hi], f"{name}_clip")
+        zp = self._carrier(out.dtype)[2]
+        if zp:
+            codes = self.node("Add", [codes, self.const(f"zp_f64_{zp}".replace("-", "m"), np.array(zp, np.float64))],
+                              f"{name}_carrier")
+        return self.node("Cast", [codes], name, to=self._carrier(out.dtype)[0])
 
     def avgpool(self, n: Node) -> None:
         """Window sum times 2**-k as a depthwise QDQ Conv with weight codes 1 at scale 2**-k.
@@ -193,7 +277,8 @@ def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) ->
     if not onnx_exact_rounding(rounding):
         raise ExportError(f"target rounding {rounding!r}: ONNX QuantizeLinear rounds half to even only, so this "
                           f"model cannot be exported exactly; compile with rounding='half_even'")
-    risky = g.fp32_inexact()
+    # Weighted nodes split their sums (exact_parts); any other op past 2**24 cannot be exported exactly.
+    risky = [name for name in g.fp32_inexact() if g.node(name).op not in WEIGHTED_OPS]
     if risky and not allow_inexact:
         raise ExportError(f"accumulators of {risky} can exceed 2**24, where ONNX Runtime's float32 requantization "
                           f"could round; pass allow_inexact=True to export anyway")

@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from fxq.errors import InputError
 from fxq.formats import FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, exp2, quantize_np, requant_np
-from fxq.ir import Graph, Node, Op
+from fxq.ir import Graph, Node, Op, weight_codes
 
 BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
 
@@ -40,6 +40,7 @@ def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
 
 class OpRun:
     op: Op
+    also: tuple = ()          # further ops the same kernel executes
 
     def run(self, node: Node, *xs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -66,9 +67,10 @@ class Dequantize(OpRun):
 class Conv2dInt(OpRun):
     """im2col + one GEMM per group, in batch chunks so the column matrix stays small."""
     op = Op.CONV2D_INT
+    also = (Op.CONV2D_CLUSTER,)       # per-cluster sums times scale codes == sums with effective weights
 
     def run(self, node, x):
-        a, w, b = node.attrs, node.consts["w"], node.consts["b"].astype(np.int64)
+        a, w, b = node.attrs, weight_codes(node), node.consts["b"].astype(np.int64)
         (ph, pw), (sh, sw), (dh, dw), groups = a["padding"], a["stride"], a["dilation"], a["groups"]
         out_c, cg, kh, kw = w.shape
         dtype = exact_dtype(node.out.max_abs)
@@ -91,9 +93,10 @@ class Conv2dInt(OpRun):
 
 class LinearInt(OpRun):
     op = Op.LINEAR_INT
+    also = (Op.LINEAR_CLUSTER,)
 
     def run(self, node, x):
-        w, b = node.consts["w"].astype(np.int64), node.consts["b"].astype(np.int64)
+        w, b = weight_codes(node), node.consts["b"].astype(np.int64)
         return _exact_matmul(x, w.T, node.out.max_abs) + b
 
 
@@ -179,8 +182,9 @@ class Reshape(OpRun):
         return x.reshape(node.attrs["shape"])
 
 
-OPS = {cls.op: cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt, AvgPoolInt,
-                                 MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape)}
+OPS = {op: kernel for kernel in (cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt,
+                                                   AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape))
+       for op in (kernel.op, *kernel.also)}
 
 
 def check_input_spec(g: Graph, shape: tuple, dtype) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -147,10 +148,32 @@ def export(path, output):
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
-def report(path):
-    """Per-layer formats and shifts of a saved model (SQNR needs the float model: use qm.report(x))."""
-    click.echo(fxq.load(path).report())
+@click.argument("source")
+@click.option("--target", default="shift-int", show_default=True, help="Target, when SOURCE is a model to compile.")
+@click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
+@click.option("--calib", default=512, show_default=True, help="Calibration images (zoo models).")
+@click.option("--samples", default=256, show_default=True, help="Held-out images SQNR is measured on.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also write a per-layer SQNR chart (PNG; needs matplotlib).")
+@click.option("--quiet", is_flag=True)
+def report(source, target, overrides, calib, samples, plot, quiet):
+    """Per-layer formats, shifts, multiplications replaced and SQNR.
+
+    SOURCE is a saved .fxq model (formats and shifts only: the float model is not in the file) or a zoo
+    model name, which is compiled for --target and measured against float on held-out images.
+    """
+    from fxq import zoo
+    if source in zoo.names():
+        calib_x, test_x, _, _ = _fmnist_split(calib, 0)
+        qm = fxq.compile(zoo.load(source), calib_x, target=target, progress=not quiet, **_parse_overrides(overrides))
+        rep = qm.report(test_x[:samples])
+    elif Path(source).is_file():
+        rep = fxq.load(source).report()
+    else:
+        raise click.BadParameter(f"{source!r} is neither a saved .fxq file nor a zoo model {zoo.names()}")
+    click.echo(rep)
+    if plot:
+        rep.plot(plot)
+        click.echo(f"wrote {plot}")
 
 
 @main.command()

@@ -64,3 +64,7 @@ def _source_from_stack(stack: str | None) -> str | None:
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             found = f"{m.group(1)}:{m.group(2)}: {code}"
     return found
+
+
+class MissingExtra(FxqError, ImportError):
+    """An optional dependency (an extra such as fxq[plot]) is not installed; says which to install."""

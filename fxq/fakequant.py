@@ -10,8 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import numpy as np
+
+from .clusters import ClusterCodes, quantize_clusters
 from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range
-from .qtypes import ActFormat, WeightFormat
+from .qtypes import ActFormat, ClusterFormat, WeightFormat
 
 
 class FakeQuant(nn.Module):
@@ -36,7 +39,7 @@ class FakeQuant(nn.Module):
 class _QWeighted(nn.Module):
     """Holds the float (folded) weights and rounds them on every call, so passes can still tune them."""
 
-    def __init__(self, layer: nn.Module, w_fmt: WeightFormat, in_frac: int, rounding: Rounding):
+    def __init__(self, layer: nn.Module, w_fmt: WeightFormat | ClusterFormat, in_frac: int, rounding: Rounding):
         super().__init__()
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone() if layer.bias is not None
@@ -46,13 +49,30 @@ class _QWeighted(nn.Module):
         self.rounding = Rounding(rounding)
         self.enabled = True
         self.register_buffer("w_frac", torch.tensor(w_fmt.frac, dtype=torch.float64), persistent=False)
+        self._clusters: tuple | None = None      # (weight version key, ClusterCodes, float weights)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *([1] * (self.weight.dim() - 1)))
 
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.w_fmt, ClusterFormat)
+
+    def cluster_codes(self) -> ClusterCodes:
+        """The cluster codes of the current weights (recomputed only when the weights change)."""
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+        if self._clusters is None or self._clusters[0] != key:
+            cc = quantize_clusters(self.weight.detach().double().cpu().numpy(), self.w_fmt)
+            value = cc.effective() * np.exp2(-cc.frac.astype(np.float64)).reshape(-1, *([1] * (self.weight.dim() - 1)))
+            self._clusters = (key, cc, torch.from_numpy(value))
+        return self._clusters[1]
+
     def qweight(self) -> torch.Tensor:
         if not self.enabled:
             return self.weight
+        if self.clustered:
+            self.cluster_codes()
+            return self._clusters[2].to(self.weight.dtype)
         frac = self._per_channel(self.w_frac).to(self.weight.dtype)
         return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
 

@@ -181,6 +181,19 @@ def noclip_frac(lo_val: np.ndarray, hi_val: np.ndarray, rng: IntRange) -> np.nda
     return np.clip(f, FRAC_LIMITS[0], FRAC_LIMITS[1] - 8).astype(np.int64)
 
 
+def std_frac(std: np.ndarray, coeff: float, bits: int) -> np.ndarray:
+    """F8Net's fractional length from a tensor's standard deviation: floor(log2(c / std)).
+
+    ``coeff`` is c for 8-bit codes; other widths scale it by 2**(bits - 8) so the clip stays at the same
+    multiple of std. A zero spread (dead channel) gets the neutral format of values in [-1, 1).
+    """
+    std = np.asarray(std, np.float64)
+    c = coeff * exp2(bits - 8)
+    with np.errstate(divide="ignore"):
+        f = np.where(std > 0, np.floor(np.log2(c / np.where(std > 0, std, 1.0))), bits - 1)
+    return np.clip(f, FRAC_LIMITS[0], FRAC_LIMITS[1] - 8).astype(np.int64)
+
+
 def search_frac(values: np.ndarray, rng: IntRange, radius: int, mode: Rounding = DEFAULT_ROUNDING,
                 weights: np.ndarray | None = None) -> np.ndarray:
     """Per row of ``values`` (shape [rows, n]), the fractional length with the least (weighted) squared

@@ -27,6 +27,8 @@ class Op(str, enum.Enum):
     DEQUANTIZE = "dequantize"      # codes -> float output
     CONV2D_INT = "conv2d_int"      # int32 accumulate of codes x weight codes, + int32 bias
     LINEAR_INT = "linear_int"      # likewise for a matrix product
+    CONV2D_CLUSTER = "conv2d_cluster"  # per cluster of N input channels: sum of code x input (adds for
+    LINEAR_CLUSTER = "linear_cluster"  # ternary codes), times the cluster's scale code; int32 accumulate
     REQUANT = "requant"            # int32 -> narrow codes: shift (per channel), round, clamp
     ADD_INT = "add_int"            # align by left shifts, add in int32, then requant
     AVGPOOL_INT = "avgpool_int"    # window sum, divide by 2**k as a shift, requant
@@ -37,6 +39,10 @@ class Op(str, enum.Enum):
     RESHAPE = "reshape"            # codes unchanged, new shape
 
 
+# Ops that accumulate products of codes and constant weights into an int32 accumulator.
+WEIGHTED_OPS = frozenset({Op.CONV2D_INT, Op.LINEAR_INT, Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
+CONV_OPS = frozenset({Op.CONV2D_INT, Op.CONV2D_CLUSTER})
+CLUSTER_OPS = frozenset({Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
 # Ops that rescale (their ``shift`` attribute must equal frac_in - frac_out) and round.
 REQUANTIZING = frozenset({Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT})
 # Ops whose output carries the input's codes and format unchanged (up to selection/clamping).
@@ -82,6 +88,20 @@ class Node:
     out: TensorType
     attrs: dict = field(default_factory=dict)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def weight_codes(n: Node) -> np.ndarray:
+    """The integer weights a weighted node multiplies by (int64): for a cluster op, code * scale code.
+
+    Integer sums are associative, so accumulating per cluster and then multiplying by the cluster's
+    scale gives exactly the sum with these effective weights; backends may use either form.
+    """
+    if n.op in CLUSTER_OPS:
+        t, alpha = n.consts["t"].astype(np.int64), n.consts["alpha"].astype(np.int64)
+        block = int(n.attrs["cluster_size"])
+        rep = np.repeat(alpha, block, axis=1)[:, : t.shape[1]]
+        return t * rep.reshape(rep.shape + (1,) * (t.ndim - 2))
+    return n.consts["w"].astype(np.int64)
 
 
 def _frac_text(frac) -> str:
@@ -145,11 +165,18 @@ class Graph:
     def _arg_text(self, n: Node) -> list[str]:
         a = n.attrs
         ins = [f"%{i}" if i != self.input_name else f"{i}:{self.input_type.short()}" for i in n.inputs]
-        if n.op in (Op.CONV2D_INT, Op.LINEAR_INT):
-            w = n.consts["w"]
-            ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] f={_frac_text(tuple(a['w_frac']))}")
+        if n.op in WEIGHTED_OPS:
+            if n.op in CLUSTER_OPS:
+                t, alpha = n.consts["t"], n.consts["alpha"]
+                codes = "tern" if a["w_bits"] == 2 else f"i{a['w_bits']}"
+                ins.append(f"t:{codes}[{','.join(map(str, t.shape))}]")
+                ins.append(f"sum/{a['cluster_size']}ch x a:u{a['alpha_bits']}[{','.join(map(str, alpha.shape))}] "
+                           f"f={_frac_text(tuple(a['w_frac']))}")
+            else:
+                w = n.consts["w"]
+                ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] f={_frac_text(tuple(a['w_frac']))}")
             ins.append(f"b:i32 f={_frac_text(n.out.frac)}")
-            if n.op is Op.CONV2D_INT:
+            if n.op in CONV_OPS:
                 conv = [f"s={_pair_text(a['stride'])}", f"p={_pair_text(a['padding'])}"]
                 conv += [f"d={_pair_text(a['dilation'])}"] if tuple(a["dilation"]) != (1, 1) else []
                 conv += [f"g={a['groups']}"] if a["groups"] != 1 else []

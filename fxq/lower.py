@@ -14,7 +14,7 @@ import torch.fx as fx
 from . import meta
 from .errors import UnsupportedOp, describe_node
 from .fakequant import QConv2d, QLinear, clamp_codes
-from .formats import ACC_RANGE, quantize_np
+from .formats import ACC_RANGE, quantize_np, storage_dtype
 from .ir import Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
@@ -111,22 +111,31 @@ class _Lowerer:
         x = self.ir_input(node.args[0])
         xt = self.types[x]
         w_frac = layer.w_fmt.frac_array
-        w = layer.weight.detach().double().numpy()
-        shape = (-1,) + (1,) * (w.ndim - 1)
-        w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding)
+        is_conv = isinstance(layer, QConv2d)
+        attrs = {"w_bits": layer.w_fmt.bits, "w_frac": tuple(int(f) for f in w_frac)}
+        if layer.clustered:
+            cc = layer.cluster_codes()
+            w_codes = cc.effective()
+            consts = {"t": cc.codes.astype(np.int8),
+                      "alpha": cc.alpha.astype(storage_dtype(layer.w_fmt.scale_bits, signed=False))}
+            attrs.update(cluster_size=int(cc.block), alpha_bits=int(layer.w_fmt.scale_bits))
+            op = Op.CONV2D_CLUSTER if is_conv else Op.LINEAR_CLUSTER
+        else:
+            w = layer.weight.detach().double().numpy()
+            shape = (-1,) + (1,) * (w.ndim - 1)
+            w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding)
+            consts = {"w": w_codes.astype(storage_dtype(layer.w_fmt.bits, signed=True))}
+            op = Op.CONV2D_INT if is_conv else Op.LINEAR_INT
         b_frac = w_frac + int(xt.frac)
         b_codes = quantize_np(layer.bias.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding)
-        bound = np.abs(w_codes).reshape(w.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
+        consts["b"] = b_codes.astype(np.int32)
+        bound = np.abs(w_codes).reshape(w_codes.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
         acc_max = int(min(bound.max(), 2**62))
         out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), tuple(int(f) for f in b_frac), -acc_max, acc_max)
-        attrs = {"w_bits": layer.w_fmt.bits, "w_frac": tuple(int(f) for f in w_frac)}
-        if isinstance(layer, QConv2d):
+        if is_conv:
             attrs.update(stride=tuple(layer.stride), padding=tuple(layer.padding),
                          dilation=tuple(layer.dilation), groups=int(layer.groups))
-        op = Op.CONV2D_INT if isinstance(layer, QConv2d) else Op.LINEAR_INT
-        return self.emit(node.name, op, [x], out, attrs,
-                         {"w": w_codes.astype(np.int8 if layer.w_fmt.bits <= 8 else np.int16),
-                          "b": b_codes.astype(np.int32)})
+        return self.emit(node.name, op, [x], out, attrs, consts)
 
     # -- ops that keep their input's format --------------------------------------------------------
     def pass_through(self, node) -> str:

@@ -25,6 +25,10 @@ class Observer:
         self._gen = torch.Generator().manual_seed(seed)
         self._sample: list[torch.Tensor] = []
         self._kept = 0
+        # Moments of the tensor before a fused ReLU/clamp (F8Net's rule reads the pre-activation spread).
+        self.pre_count = 0
+        self.pre_sum = 0.0
+        self.pre_sumsq = 0.0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1)
@@ -48,6 +52,12 @@ class Observer:
         if self._kept > 4 * self.sample_size:
             self._compact()
 
+    def update_pre(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1)
+        self.pre_count += x.numel()
+        self.pre_sum += float(x.sum(dtype=torch.float64))
+        self.pre_sumsq += float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
     def _compact(self) -> None:
         allv = torch.cat(self._sample)
         idx = torch.randperm(allv.numel(), generator=self._gen)[: self.sample_size]
@@ -64,6 +74,14 @@ class Observer:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.sumsq / self.count - self.mean**2, 0.0))
+
+    @property
+    def pre_std(self) -> float:
+        """Spread of the values before the fused activation, or of the observed values if none."""
+        if not self.pre_count:
+            return self.std
+        mean = self.pre_sum / self.pre_count
+        return math.sqrt(max(self.pre_sumsq / self.pre_count - mean**2, 0.0))
 
     def sample(self) -> np.ndarray:
         self._compact()

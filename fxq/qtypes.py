@@ -70,3 +70,28 @@ class WeightFormat:
     @property
     def frac_array(self) -> np.ndarray:
         return np.asarray(self.frac, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ClusterFormat:
+    """Weights as small codes times one unsigned fixed-point scale per cluster of ``size`` input channels
+    (fxq.clusters); ``frac`` is the scales' fractional length, one per output channel."""
+    frac: tuple[int, ...]
+    bits: int                 # code width: 2 is ternary (-1, 0, +1)
+    size: int                 # input channels per cluster; 0 = the whole filter
+    scale_bits: int           # width of the unsigned scale codes
+    threshold: str = "l2"     # ternary zero threshold rule
+    rounding: str = "half_even"
+
+    @property
+    def range(self) -> IntRange:
+        return int_range(self.bits, signed=True, symmetric=True)
+
+    @property
+    def frac_array(self) -> np.ndarray:
+        return np.asarray(self.frac, dtype=np.int64)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of an effective weight code * scale code (signed)."""
+        return self.bits + self.scale_bits

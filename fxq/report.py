@@ -8,8 +8,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from .errors import MissingExtra
 from .fakequant import set_quantization
-from .ir import Graph, Node, Op
+from .ir import CLUSTER_OPS, WEIGHTED_OPS, Graph, Node, Op
 
 _ROW_OPS = (Op.QUANTIZE, Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT)
 
@@ -24,12 +25,34 @@ class Report:
         return {"rows": self.rows, "summary": self.summary, "notes": self.notes}
 
     def __str__(self) -> str:
-        out = [format_table(self.rows, ["layer", "op", "weights", "activation", "shift", "SQNR dB"], right={"SQNR dB"}), ""]
+        cols = ["layer", "op", "weights", "activation", "shift", "mult->acc", "float", "SQNR dB"]
+        out = [format_table(self.rows, cols, right={"SQNR dB", "mult->acc"}), ""]
         out += [f"{k}: {v}" for k, v in self.summary.items()]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
     __repr__ = __str__
+
+    def plot(self, path) -> None:
+        """A per-layer SQNR bar chart (needs matplotlib: ``pip install 'fxq[plot]'``)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise MissingExtra("the SQNR chart needs matplotlib: pip install 'fxq[plot]'") from None
+        rows = [r for r in self.rows if r["SQNR dB"] not in ("-", "inf")]
+        if not rows:
+            raise ValueError("no SQNR measured: build the report with sample inputs, qm.report(x)")
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows)), 4.0))
+        ax.bar(range(len(rows)), [float(r["SQNR dB"]) for r in rows], color="#4878a8")
+        ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=75, fontsize=7)
+        ax.set_ylabel("SQNR vs float (dB)")
+        ax.set_title(f"fxq per-layer SQNR, target {self.summary.get('target')}")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def format_table(rows: list[dict], cols: list[str], right: set = frozenset()) -> str:
@@ -69,14 +92,36 @@ def _capture(gm: fx.GraphModule, x: torch.Tensor, quantized: bool) -> dict[str, 
     return values
 
 
+def _frac_range(f) -> str:
+    return f"{min(f)}" + (f"..{max(f)}" if min(f) != max(f) else "")
+
+
 def _weights_text(g: Graph, n: Node) -> str:
     if n.op is not Op.REQUANT:
         return "-"
     acc = g.node(n.inputs[0])
-    f = acc.attrs.get("w_frac")
-    if f is None:
-        return "-"
-    return f"i{acc.attrs['w_bits']} f={min(f)}" + (f"..{max(f)}" if min(f) != max(f) else "")
+    a = acc.attrs
+    if acc.op in CLUSTER_OPS:
+        codes = "tern" if a["w_bits"] == 2 else f"i{a['w_bits']}"
+        return f"{codes} N={a['cluster_size']} x u{a['alpha_bits']} f={_frac_range(a['w_frac'])}"
+    f = a.get("w_frac")
+    return "-" if f is None else f"i{a['w_bits']} f={_frac_range(f)}"
+
+
+def multiplications(n: Node) -> tuple[int, int]:
+    """(multiply-accumulates, multiplies left) per sample of a weighted node.
+
+    Inside a cluster, ternary codes make each product an add or a subtract and 4-bit codes at most two
+    shifted adds (every code in [-7, 7] is a sum of two signed powers of two); what remains is one
+    multiply by the cluster's scale per cluster, per output: 1 - 1/(N*k*k) of the products are replaced.
+    """
+    w = n.consts["t" if n.op in CLUSTER_OPS else "w"]
+    outputs = int(np.prod([d for d in n.out.shape[1:]]))          # output channels x positions
+    per_output = int(np.prod(w.shape[1:]))                         # input channels per group x kernel
+    if n.op not in CLUSTER_OPS:
+        return outputs * per_output, outputs * per_output
+    clusters = -(-w.shape[1] // n.attrs["cluster_size"])
+    return outputs * per_output, outputs * clusters
 
 
 def _shift_text(n: Node) -> str:
@@ -103,18 +148,25 @@ def build_report(qm, x: torch.Tensor | None) -> Report:
         if n.op not in _ROW_OPS:
             continue
         src = n.attrs.get("src")
+        acc = g.node(n.inputs[0]) if n.op is Op.REQUANT else None
+        replaced = "-"
+        if acc is not None and acc.op in CLUSTER_OPS:
+            macs, left = multiplications(acc)
+            replaced = f"{100.0 * (macs - left) / macs:.1f}%"
         rows.append({"layer": n.name, "op": _producer(g, n), "weights": _weights_text(g, n),
                      "activation": f"{n.out.dtype} f={n.out.frac} [{n.out.lo},{n.out.hi}]",
-                     "shift": _shift_text(n) if "shift" in n.attrs else "-",
-                     "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
-    weighted = [n for n in g.nodes if n.op in (Op.CONV2D_INT, Op.LINEAR_INT)]
-    macs = sum(int(np.prod(n.consts["w"].shape)) * int(np.prod([d for d in n.out.shape[2:]] or [1])) for n in weighted)
+                     "shift": _shift_text(n) if "shift" in n.attrs else "-", "mult->acc": replaced,
+                     "float": "-", "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
+    weighted = [n for n in g.nodes if n.op in WEIGHTED_OPS]
+    counts = [multiplications(n) for n in weighted]
+    macs, left = sum(c[0] for c in counts), sum(c[1] for c in counts)
     rescales = sum(n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT) for n in g.nodes)
     summary = {
         "target": g.target.get("name") if g.target else "?",
         "layers with weights": len(weighted),
         "weight bits": sorted({n.attrs["w_bits"] for n in weighted}),
         "MACs per sample": macs,
+        "multiplications replaced by accumulations": f"{macs - left} of {macs} ({100.0 * (macs - left) / max(macs, 1):.1f}%)",
         "rescales (all shifts, no multipliers)": rescales,
         "float islands": 0,
         "output SQNR dB": f"{sqnr['output']:.1f}" if "output" in sqnr else "- (pass x to measure)",

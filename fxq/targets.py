@@ -10,10 +10,16 @@ from dataclasses import dataclass, field
 
 from .formats import ACC_BITS, DEFAULT_ROUNDING, Rounding
 
-GRANULARITIES = ("tensor", "channel")
-SCALE_KINDS = ("pow2",)          # power-of-two step chosen by an error search
+# Weight scales: one per layer, one per output channel, or one per cluster of N input channels of a filter.
+GRANULARITIES = ("tensor", "channel", "cluster")
+# How a power-of-two step is chosen: by an error search over exponents (RAPQ-style), or from the
+# tensor's standard deviation, f = floor(log2(c / std)) (F8Net).
+SCALE_KINDS = ("pow2", "fixed_point")
 REQUANT_KINDS = ("shift",)       # every rescale is an arithmetic shift
+TERNARY_THRESHOLDS = ("l2", "twn")   # per-cluster L2-optimal threshold, or TWN's 0.7 * mean|w|
 FLOAT_ISLAND_OPS = ("softmax", "gelu", "layer_norm")
+# Fields that only mean something for one granularity: overriding them elsewhere is a mistake.
+CLUSTER_FIELDS = ("cluster_size", "cluster_scale_bits", "ternary_threshold")
 
 
 class TargetError(ValueError):
@@ -27,7 +33,19 @@ class Target:
     w_bits: int = 8
     a_bits: int = 8
     w_granularity: str = "channel"
+    # Clusters: N consecutive input channels of a filter share one scale (0: the whole filter).
+    cluster_size: int = 4
+    # A cluster's scale is an unsigned fixed-point number of this many bits.
+    cluster_scale_bits: int = 8
+    # With 2-bit cluster weights (ternary codes -1, 0, +1), how the zero threshold is chosen.
+    ternary_threshold: str = "l2"
+    # The first and last weighted layers (the image's few input channels, the logits) keep this many
+    # weight bits with per-channel power-of-two scales, as low-bit methods usually do; None: like the rest.
+    edge_w_bits: int | None = None
     scale_kind: str = "pow2"
+    # F8Net's rule f = floor(log2(c / std)): c for signed and for unsigned (post-ReLU) tensors.
+    std_coeff_signed: float = 40.0
+    std_coeff_unsigned: float = 70.0
     requant: str = "shift"
     rounding: Rounding = DEFAULT_ROUNDING
     acc_bits: int = ACC_BITS
@@ -48,6 +66,21 @@ class Target:
         if self.w_granularity not in GRANULARITIES:
             raise TargetError(f"target {self.name!r}: w_granularity={self.w_granularity!r} "
                               f"must be one of {GRANULARITIES}")
+        if self.w_granularity == "cluster":
+            if not isinstance(self.cluster_size, int) or isinstance(self.cluster_size, bool) or self.cluster_size < 0:
+                raise TargetError(f"target {self.name!r}: cluster_size={self.cluster_size!r} must be an integer >= 1 "
+                                  f"(or 0 for one cluster per filter)")
+            if self.w_bits > 8:
+                raise TargetError(f"target {self.name!r}: w_bits={self.w_bits} with w_granularity='cluster'; "
+                                  f"cluster weights are ternary (2) or narrow codes up to 8 bits")
+            if not isinstance(self.cluster_scale_bits, int) or not 2 <= self.cluster_scale_bits <= 16:
+                raise TargetError(f"target {self.name!r}: cluster_scale_bits={self.cluster_scale_bits!r} "
+                                  f"must be an integer in 2..16")
+            if self.ternary_threshold not in TERNARY_THRESHOLDS:
+                raise TargetError(f"target {self.name!r}: ternary_threshold={self.ternary_threshold!r} "
+                                  f"must be one of {TERNARY_THRESHOLDS}")
+        if self.edge_w_bits is not None and (not isinstance(self.edge_w_bits, int) or not 2 <= self.edge_w_bits <= 16):
+            raise TargetError(f"target {self.name!r}: edge_w_bits={self.edge_w_bits!r} must be None or an integer in 2..16")
         if self.scale_kind not in SCALE_KINDS:
             raise TargetError(f"target {self.name!r}: scale_kind={self.scale_kind!r} must be one of {SCALE_KINDS}")
         if self.requant not in REQUANT_KINDS:
@@ -59,9 +92,13 @@ class Target:
                               f"{[r.value for r in Rounding]}") from None
         if self.acc_bits not in (16, 24, 32):
             raise TargetError(f"target {self.name!r}: acc_bits={self.acc_bits!r} must be 16, 24 or 32")
-        if self.w_bits + self.a_bits >= self.acc_bits:
-            raise TargetError(f"target {self.name!r}: w_bits+a_bits={self.w_bits + self.a_bits} leaves no "
-                              f"headroom in a {self.acc_bits}-bit accumulator")
+        for fld in ("std_coeff_signed", "std_coeff_unsigned"):
+            v = getattr(self, fld)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise TargetError(f"target {self.name!r}: {fld}={v!r} must be a positive number")
+        if self.product_bits >= self.acc_bits:
+            raise TargetError(f"target {self.name!r}: weight x activation products of {self.product_bits} bits "
+                              f"leave no headroom in a {self.acc_bits}-bit accumulator")
         if not isinstance(self.exp_search_radius, int) or not 0 <= self.exp_search_radius <= 8:
             raise TargetError(f"target {self.name!r}: exp_search_radius={self.exp_search_radius!r} must be in 0..8")
         bad = set(self.float_islands) - set(FLOAT_ISLAND_OPS)
@@ -69,6 +106,21 @@ class Target:
             raise TargetError(f"target {self.name!r}: float_islands has unknown ops {sorted(bad)}; "
                               f"known: {FLOAT_ISLAND_OPS}")
         object.__setattr__(self, "float_islands", frozenset(self.float_islands))
+
+    @property
+    def weight_code_bits(self) -> int:
+        """Bits of the integer a weight multiplies by: a cluster's code times its scale code."""
+        if self.w_granularity == "cluster":
+            return self.w_bits + self.cluster_scale_bits
+        return self.w_bits
+
+    @property
+    def product_bits(self) -> int:
+        return self.weight_code_bits + self.a_bits
+
+    @property
+    def ternary(self) -> bool:
+        return self.w_granularity == "cluster" and self.w_bits == 2
 
     def with_overrides(self, **overrides) -> "Target":
         names = {f.name for f in dataclasses.fields(self)} - {"name", "description"}
@@ -78,11 +130,24 @@ class Target:
         if not overrides:
             return self
         tag = ",".join(f"{k}={v.value if isinstance(v, Rounding) else v}" for k, v in sorted(overrides.items()))
-        return dataclasses.replace(self, name=f"{self.name}[{tag}]", **overrides)
+        new = dataclasses.replace(self, name=f"{self.name}[{tag}]", **overrides)
+        stray = [f for f in CLUSTER_FIELDS if f in overrides and new.w_granularity != "cluster"]
+        if stray:
+            raise TargetError(f"target {new.name!r}: {stray[0]} applies only to w_granularity='cluster', and this "
+                              f"target's weights are per {new.w_granularity}; use target='dfp-cluster' or also "
+                              f"set w_granularity='cluster'")
+        return new
+
+    def weights_text(self) -> str:
+        if self.w_granularity != "cluster":
+            return f"per {self.w_granularity}"
+        n = "filter" if self.cluster_size == 0 else f"N={self.cluster_size}"
+        codes = "ternary" if self.ternary else f"{self.w_bits}-bit"
+        return f"{codes}, cluster {n}, u{self.cluster_scale_bits} scale"
 
     def as_row(self) -> dict:
         return {"name": self.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
-                "weights": self.w_granularity, "scale": self.scale_kind, "requant": self.requant,
+                "weights": self.weights_text(), "scale": self.scale_kind, "requant": self.requant,
                 "rounding": self.rounding.value, "acc": self.acc_bits,
                 "shared residual scales": self.share_residual_scales,
                 "float islands": ",".join(sorted(self.float_islands)) or "-",
@@ -116,4 +181,15 @@ def get_target(target: str | Target, **overrides) -> Target:
 register_target(Target(
     name="shift-int",
     description="power-of-two scales, per-channel weight exponents, shift-only requant (RAPQ)",
+))
+register_target(Target(
+    name="fixed-point8",
+    description="F8Net: 8-bit fixed point, fractional lengths from tensor std, master/sibling residuals",
+    w_granularity="channel", scale_kind="fixed_point",
+))
+register_target(Target(
+    name="dfp-cluster",
+    description="dynamic fixed point: ternary (w_bits=2) or 4-bit weights in clusters of N filters' "
+                "input channels, one u8 scale per cluster, 8-bit activations",
+    w_bits=2, w_granularity="cluster", cluster_size=4, edge_w_bits=8,
 ))

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import VerifyError
 from .formats import ACC_RANGE, DTYPE_RANGES, FRAC_LIMITS, int_range
-from .ir import Graph, Node, Op, TensorType
+from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
 
 NARROW = ("int8", "uint8", "int16", "uint16")
 MAX_SHIFT = 31
@@ -59,25 +59,41 @@ def _acc_fits(chk: _Check, bound, declared: TensorType, what: str) -> None:
         chk(declared.max_abs >= bound, f"declared accumulator range {declared.max_abs} < provable bound {bound}")
 
 
+def _codes_in(chk: _Check, a: np.ndarray, r, what: str) -> None:
+    chk(np.issubdtype(a.dtype, np.integer) and a.min(initial=0) >= r.lo and a.max(initial=0) <= r.hi,
+        f"{what} outside [{r.lo}, {r.hi}]")
+
+
+def _clusters(chk: _Check, n: Node) -> None:
+    t, alpha = n.consts.get("t"), n.consts.get("alpha")
+    chk(t is not None and alpha is not None, "missing cluster codes 't' or scale codes 'alpha'")
+    block = n.attrs.get("cluster_size")
+    chk(isinstance(block, int) and block >= 1, f"cluster_size {block!r} must be a positive integer")
+    expected = (t.shape[0], -(-t.shape[1] // block))
+    chk(alpha.shape == expected, f"scale codes have shape {list(alpha.shape)}, expected {list(expected)} "
+                                 f"(one per cluster of {block} input channels)")
+    _codes_in(chk, alpha, int_range(n.attrs["alpha_bits"], signed=False), f"{n.attrs['alpha_bits']}-bit scale codes")
+
+
 def _weighted(chk: _Check, n: Node, x: TensorType) -> None:
-    w, b = n.consts.get("w"), n.consts.get("b")
+    if n.op in CLUSTER_OPS:
+        _clusters(chk, n)
+    w, b = n.consts.get("t" if n.op in CLUSTER_OPS else "w"), n.consts.get("b")
     chk(w is not None and b is not None, "missing weight or bias constants")
     chk(x.dtype in NARROW, f"input dtype {x.dtype} is not a narrow code type")
-    wr = int_range(n.attrs["w_bits"], signed=True, symmetric=True)
-    chk(np.issubdtype(w.dtype, np.integer) and w.min(initial=0) >= wr.lo and w.max(initial=0) <= wr.hi,
-        f"weight codes outside the {n.attrs['w_bits']}-bit range [{wr.lo}, {wr.hi}]")
+    _codes_in(chk, w, int_range(n.attrs["w_bits"], signed=True, symmetric=True), f"{n.attrs['w_bits']}-bit weight codes")
     chk(b.dtype == np.int32 and b.shape == (w.shape[0],), f"bias must be int32[{w.shape[0]}], got {b.dtype}{list(b.shape)}")
     chk(n.out.dtype == "int32", "accumulator output must be int32")
     expected = tuple(int(x.frac) + int(f) for f in n.attrs["w_frac"])
     chk(tuple(_fracs(n.out)) == expected, f"accumulator frac {_fracs(n.out)} != f_x + f_w {list(expected)}")
     in_ch = x.shape[1]
-    if n.op is Op.CONV2D_INT:
+    if n.op in CONV_OPS:
         g = n.attrs["groups"]
         chk(w.ndim == 4 and w.shape[1] * g == in_ch and w.shape[0] % g == 0,
             f"weight shape {list(w.shape)} with groups={g} does not fit {in_ch} input channels")
     else:
         chk(w.ndim == 2 and w.shape[1] == x.shape[-1], f"weight shape {list(w.shape)} does not fit input {list(x.shape)}")
-    l1 = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(axis=1)
+    l1 = np.abs(weight_codes(n)).reshape(w.shape[0], -1).sum(axis=1)
     _acc_fits(chk, l1 * x.max_abs + np.abs(b.astype(np.int64)), n.out, "a per-channel sum")
 
 
@@ -89,7 +105,7 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
     elif op is Op.DEQUANTIZE:
         chk(ins[0].dtype in NARROW, "dequantize takes narrow codes")
         chk(n.out.dtype == "float32", "dequantize produces float32")
-    elif op in (Op.CONV2D_INT, Op.LINEAR_INT):
+    elif op in WEIGHTED_OPS:
         _weighted(chk, n, ins[0])
     elif op is Op.REQUANT:
         chk(ins[0].dtype == "int32", "requant takes an int32 accumulator")

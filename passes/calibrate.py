@@ -1,6 +1,7 @@
 """calibrate: run the float model on the calibration batches and feed every qpoint's observer.
 
-Reads: ``meta[OBSERVER]``, ``ctx.calib_batches``. Writes: the observers' statistics. Skipped when
+Reads: ``meta[OBSERVER]``, ``meta[FUSED_ACT]``, ``ctx.calib_batches``. Writes: the observers' statistics
+(a fused activation's observer also gets the moments of its producer's output). Skipped when
 ``ctx.calib_batches`` is None (data_free_stats fills the observers instead).
 Raises CalibrationError for empty data, NaN/inf values, or batches whose shape does not match.
 """
@@ -21,6 +22,8 @@ class _Feeder(fx.Interpreter):
         obs = n.meta.get(meta.OBSERVER)
         if obs is not None:
             obs.update(out)
+        if meta.FUSED_ACT in n.meta:
+            next(iter(n.users)).meta[meta.OBSERVER].update_pre(out)
         return out
 
 

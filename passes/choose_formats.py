@@ -1,24 +1,32 @@
-"""choose_formats: a power-of-two format for every qpoint and every weight channel.
+"""choose_formats: a format for every qpoint and every weight, as the target's fields say.
 
 Activations: per tensor, unsigned where the value is non-negative by construction (after ReLU/ReLU6)
-and the target allows it; the fractional length is the no-clip one or one of the target's
-``exp_search_radius`` finer neighbours, whichever gives the least squared error on the observed sample
-(not just ceil(log2 max)). Weights: the same search per output channel (or per tensor).
+and the target allows it. The power-of-two step comes either from an error search (``scale_kind``
+"pow2": the no-clip fractional length or one of ``exp_search_radius`` finer ones, least squared error
+on the observed sample) or from the tensor's spread (``scale_kind`` "fixed_point", F8Net:
+f = floor(log2(c / std)), std before a fused ReLU, c from the target).
+Weights: the same rule per output channel or per tensor; with ``w_granularity`` "cluster" the weights
+become codes times one fixed-point scale per cluster of input channels (fxq.clusters), and the format
+records the scales' fractional length per filter.
 
 Reads: ``meta[OBSERVER]``, ``meta[ROLE]``, ``meta[KIND]``, the layers' weights, ``ctx.target``.
-Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat) on conv/linear.
-Raises CalibrationError naming a qpoint that calibration never reached.
+Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat or
+ClusterFormat) on conv/linear. Raises CalibrationError naming a qpoint that calibration never reached.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch.fx as fx
 
 from fxq import meta
+from fxq.clusters import choose_cluster_frac
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import int_range, search_frac
-from fxq.qtypes import ActFormat, WeightFormat
+from fxq.formats import int_range, search_frac, std_frac
+from fxq.qtypes import ActFormat, ClusterFormat, WeightFormat
+from fxq.targets import Target
 from fxq.walk import is_nonnegative, weighted_layers
 
 
@@ -34,6 +42,32 @@ def activation_format(node: fx.Node, target) -> ActFormat:
     return ActFormat(frac=0, bits=target.a_bits, signed=signed, clamp=clamp)
 
 
+def _activation_frac(obs, fmt: ActFormat, t: Target) -> int:
+    if t.scale_kind == "fixed_point":
+        coeff = t.std_coeff_signed if fmt.signed else t.std_coeff_unsigned
+        return int(std_frac(obs.std if fmt.signed else obs.pre_std, coeff, fmt.bits))
+    sample = np.clip(obs.sample(), *fmt.clamp)
+    # Search over the dtype's codes: the clamp already bounds the sample, and fmt.range at frac 0
+    # would be the clamp itself ([0, 6] for ReLU6), not the codes available.
+    codes = int_range(fmt.bits, fmt.signed)
+    return int(search_frac(sample[None, :], codes, t.exp_search_radius, t.rounding)[0])
+
+
+def weight_format(w: np.ndarray, t: Target):
+    if t.w_granularity == "cluster":
+        fmt = ClusterFormat((0,) * w.shape[0], t.w_bits, t.cluster_size, t.cluster_scale_bits,
+                            t.ternary_threshold, t.rounding.value)
+        return replace(fmt, frac=tuple(int(f) for f in choose_cluster_frac(w, fmt)))
+    rows = w.reshape(w.shape[0], -1) if t.w_granularity == "channel" else w.reshape(1, -1)
+    rng = WeightFormat((0,), t.w_bits).range
+    if t.scale_kind == "fixed_point":
+        frac = std_frac(rows.std(axis=1), t.std_coeff_signed, t.w_bits)
+    else:
+        frac = search_frac(rows, rng, t.exp_search_radius, t.rounding)
+    frac = np.broadcast_to(frac, (w.shape[0],))
+    return WeightFormat(tuple(int(f) for f in frac), t.w_bits)
+
+
 def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
     for node in gm.graph.nodes:
@@ -43,17 +77,10 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if not obs.seen:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
         fmt = activation_format(node, t)
-        sample = np.clip(obs.sample(), *fmt.clamp)
-        # Search over the dtype's codes: the clamp already bounds the sample, and fmt.range at frac 0
-        # would be the clamp itself ([0, 6] for ReLU6), not the codes available.
-        codes = int_range(fmt.bits, fmt.signed)
-        frac = search_frac(sample[None, :], codes, t.exp_search_radius, t.rounding)[0]
-        node.meta[meta.ACT_FMT] = fmt.with_frac(int(frac))
-    for node, module in weighted_layers(gm):
-        w = module.weight.detach().double().numpy()
-        rows = w.reshape(w.shape[0], -1) if t.w_granularity == "channel" else w.reshape(1, -1)
-        rng = WeightFormat((0,), t.w_bits).range
-        frac = search_frac(rows, rng, t.exp_search_radius, t.rounding)
-        frac = np.broadcast_to(frac, (w.shape[0],))
-        node.meta[meta.W_FMT] = WeightFormat(tuple(int(f) for f in frac), t.w_bits)
+        node.meta[meta.ACT_FMT] = fmt.with_frac(_activation_frac(obs, fmt, t))
+    layers = list(weighted_layers(gm))
+    edge_target = None if t.edge_w_bits is None else replace(t, w_bits=t.edge_w_bits, w_granularity="channel")
+    for i, (node, module) in enumerate(layers):
+        edge = edge_target is not None and i in (0, len(layers) - 1)
+        node.meta[meta.W_FMT] = weight_format(module.weight.detach().double().numpy(), edge_target if edge else t)
     return gm

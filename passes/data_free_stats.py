@@ -106,6 +106,8 @@ def data_free_stats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         else:                                     # pad: zeros at the border barely move the range
             d = ins[0]
         dists[node.name] = d
+        if meta.FUSED_ACT in node.meta:
+            next(iter(node.users)).meta[meta.OBSERVER].update_pre(torch.from_numpy(d.samples))
         obs = node.meta.get(meta.OBSERVER)
         if obs is not None:
             obs.update(torch.from_numpy(d.samples))

@@ -42,7 +42,24 @@ def test_report_and_targets(saved):
     r = CliRunner().invoke(main, ["report", str(saved)])
     assert r.exit_code == 0 and "rescales (all shifts, no multipliers)" in r.output
     r = CliRunner().invoke(main, ["targets"])
-    assert r.exit_code == 0 and "shift-int" in r.output
+    assert r.exit_code == 0
+    for name in ("shift-int", "fixed-point8", "dfp-cluster"):
+        assert name in r.output
+    assert "ternary, cluster N=4, u8 scale" in r.output
+
+
+def test_report_compiles_a_zoo_model_and_plots(tmp_path):
+    png = tmp_path / "sqnr.png"
+    r = CliRunner().invoke(main, ["report", "resnet", "--target", "dfp-cluster", "--set", "w_bits=4", "--calib", "32",
+                                  "--samples", "8", "--plot", str(png), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "mult->acc" in r.output and "97.2%" in r.output and "SQNR dB" in r.output
+    assert png.stat().st_size > 0
+
+
+def test_report_of_unknown_source_is_a_usage_error():
+    r = CliRunner().invoke(main, ["report", "no-such-model"])
+    assert r.exit_code != 0 and "neither a saved .fxq file nor a zoo model" in r.output
 
 
 def test_compile_with_overrides_and_data_free(tmp_path):
