@@ -5,14 +5,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fxq-stamp
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+PHOTOS := data/photos/debian/MANIFEST.json
 
-.PHONY: test demo bench fashion-mnist train clean
+.PHONY: test demo bench fashion-mnist photos train clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,plot]'
+	$(BIN)/python -m pip install -q -e '.[test,plot,imagenet]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,6 +31,11 @@ fashion-mnist:
 
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python tools/bench.py
+
+# Real photographs for scoring EfficientNet-Lite1: Debian wallpaper/sample packages fetched with
+# `apt-get download` (no root needed; `apt-get update` only if the lists are missing), ~126 MB.
+photos: $(STAMP)
+	@test -f $(PHOTOS) || { apt-get update -qq || true; $(BIN)/python tools/fetch_photos.py; }
 
 train: $(STAMP) fashion-mnist
 	$(BIN)/python tools/train_zoo.py --model all

@@ -149,6 +149,7 @@ class Target:
         return {"name": self.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
                 "weights": self.weights_text(), "scale": self.scale_kind, "requant": self.requant,
                 "rounding": self.rounding.value, "acc": self.acc_bits,
+                "first/last layers": f"w{self.edge_w_bits} per channel" if self.edge_w_bits else "same",
                 "shared residual scales": self.share_residual_scales,
                 "float islands": ",".join(sorted(self.float_islands)) or "-",
                 "description": self.description}
@@ -189,7 +190,6 @@ register_target(Target(
 ))
 register_target(Target(
     name="dfp-cluster",
-    description="dynamic fixed point: ternary (w_bits=2) or 4-bit weights in clusters of N filters' "
-                "input channels, one u8 scale per cluster, 8-bit activations",
+    description="dynamic fixed point, filter clusters: ternary (w_bits=2) or 4-bit codes, one u8 scale per cluster",
     w_bits=2, w_granularity="cluster", cluster_size=4, edge_w_bits=8,
 ))

@@ -31,6 +31,14 @@ from fxq.backends import onnx_qdq  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# (row label, target, bits, overrides; None = data-free). Cluster targets keep 8-bit first/last layers.
+FXQ_CONFIGS = [
+    ("fxq shift-int (calibrated)", "shift-int", "W8A8", {}),
+    ("fxq shift-int (data-free, BN statistics)", "shift-int", "W8A8", None),
+    ("fxq fixed-point8 (F8Net std rule)", "fixed-point8", "W8A8", {}),
+    ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
+    ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
+]
 
 
 def _timed(fn):
@@ -65,13 +73,13 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
         rows.append(row)
         print(f"  {method:<44} {bits:<6} acc {acc:6.2f}  delta {acc - fp32:+.2f}  {seconds:7.1f} s", flush=True)
 
-    # fxq shift-int, calibrated and data-free
-    for label, kwargs in (("fxq shift-int (calibrated)", {"calib_data": calib_x}),
-                          ("fxq shift-int (data-free, BN statistics)",
-                           {"calib_data": None, "input_shape": (1, 1, 28, 28),
-                            "input_range": (float(data.normalize(np.zeros(1, np.uint8))[0]),
-                                            float(data.normalize(np.full(1, 255, np.uint8))[0]))})):
-        qm, secs = _timed(lambda: fxq.compile(model, target="shift-int", progress=False, **kwargs))
+    # fxq: every target (calibrated), and shift-int data-free from the BN statistics
+    data_free = {"calib_data": None, "input_shape": (1, 1, 28, 28),
+                 "input_range": (float(data.normalize(np.zeros(1, np.uint8))[0]),
+                                 float(data.normalize(np.full(1, 255, np.uint8))[0]))}
+    for label, target, bits, kwargs in FXQ_CONFIGS:
+        kwargs = dict(data_free) if kwargs is None else {"calib_data": calib_x, **kwargs}
+        qm, secs = _timed(lambda: fxq.compile(model, target=target, progress=False, **kwargs))
         codes, exec_secs = executor_codes(qm, test_x)
         ref_codes, ref_secs = codes["reference"], exec_secs["reference"]
         same = float(agreeing(codes).mean())
@@ -79,8 +87,9 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
         qm.export_onnx(path)
         sess = onnx_qdq.session(path, threads=threads)
         lat = {b: baselines.latency_ms(lambda t: sess.run(None, {"input": t.numpy()}), test_x[:b]) for b in (1, 64)}
-        add(label, "W8A8", ref_codes, secs, lat, round(100 * same, 2),
-            {"ref_images_per_s": round(len(test_x) / ref_secs, 1)})
+        replaced = qm.report().summary["multiplications replaced by accumulations"]
+        add(label, bits, ref_codes, secs, lat, round(100 * same, 2),
+            {"ref_images_per_s": round(len(test_x) / ref_secs, 1), "mults_replaced": replaced.split("(")[-1].rstrip(")")})
 
     # torch.ao FX PTQ
     for cfg_name, cfg in baselines.torch_ao_fx_configs().items():
@@ -114,15 +123,20 @@ def bench_model(name: str, calib_x, test_x, test_y, tmp: Path, threads: int) -> 
 
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("| model | method | bits | accuracy % | Δ vs FP32 | compile s | ORT latency b=1 (×FP32) | "
-            "ORT latency b=64 (×FP32) | exact % |")
-    out = [head, "|" + "---|" * 9]
+            "ORT latency b=64 (×FP32) | exact % | mults → adds |")
+    out = [head, "|" + "---|" * 10]
     for r in rows:
         lat = lambda k, rk: f"{r[k]:.2f} ms ({r[rk]:.2f}×)" if r.get(k) is not None else "–"  # noqa: E731
         exact = f"{r['exact']:.2f}" if r.get("exact") is not None else "–"
         out.append(f"| {r['model']} | {r['method']} | {r['bits']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
-                   f"{r['seconds']:.1f} | {lat('lat1_ms', 'lat1_ratio')} | {lat('lat64_ms', 'lat64_ratio')} | {exact} |")
-    ref = [f"{r['model']}: {r['ref_images_per_s']} images/s" for r in rows if r.get("ref_images_per_s")]
-    out += ["", f"Reference backend throughput (numpy, calibrated / data-free): {'; '.join(ref)}.",
+                   f"{r['seconds']:.1f} | {lat('lat1_ms', 'lat1_ratio')} | {lat('lat64_ms', 'lat64_ratio')} | {exact} | "
+                   f"{r.get('mults_replaced') or '–'} |")
+    ref = [f"{r['model']} {r['method'].removeprefix('fxq ')}: {r['ref_images_per_s']}" for r in rows
+           if r.get("ref_images_per_s")]
+    out += ["", "\"exact\" = reference backend == ONNX Runtime on the export == float64 fake-quant, output codes, "
+            "every test image. \"mults → adds\": share of the products done as additions (cluster targets; "
+            "first and last layers stay 8-bit).",
+            "", f"Reference backend throughput (numpy, images/s): {'; '.join(ref)}.",
             f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} "
             f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, {meta['threads']} ORT thread(s)); "
             f"test set: {meta['test_images']} images, calibration: {meta['calib_images']} training images."]
