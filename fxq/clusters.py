@@ -83,9 +83,9 @@ def _mean_kept(mags: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.where(n > 0, (mags * keep).sum(axis=-1) / np.maximum(n, 1), 0.0)
 
 
-def _uniform(rows: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric codes in [-qmax, qmax] and a step per row, refined by alternating least squares
-    from the no-clip step; the best step seen (by squared error) is kept."""
+def _uniform(rows: np.ndarray, qmax: int) -> np.ndarray:
+    """A step per row for symmetric codes in [-qmax, qmax], refined by alternating least squares from
+    the no-clip step; the best step seen (by squared error) is kept."""
     alpha = np.abs(rows).max(axis=-1) / qmax
     best_alpha, best_err = alpha.copy(), np.full(alpha.shape, np.inf)
     for _ in range(LLOYD_STEPS):
@@ -96,7 +96,7 @@ def _uniform(rows: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
         best_alpha[better], best_err[better] = alpha[better], err[better]
         cc = (codes**2).sum(axis=-1)
         alpha = np.where(cc > 0, (codes * rows).sum(axis=-1) / np.maximum(cc, 1), 0.0)
-    return None, best_alpha
+    return best_alpha
 
 
 def _fit(w: np.ndarray, fmt: ClusterFormat):
@@ -106,7 +106,7 @@ def _fit(w: np.ndarray, fmt: ClusterFormat):
     if fmt.bits == 2:
         signs, alpha = _ternary_l2(rows) if fmt.threshold == "l2" else _ternary_twn(rows, valid)
         return signs, alpha, block
-    return None, _uniform(rows, fmt.range.hi)[1], block
+    return None, _uniform(rows, fmt.range.hi), block
 
 
 def choose_cluster_frac(w: np.ndarray, fmt: ClusterFormat) -> np.ndarray:

@@ -6,11 +6,10 @@ while accumulators stay below 2**24, which the verifier reports per layer.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import numpy as np
 
 from .clusters import ClusterCodes, quantize_clusters
 from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range
@@ -58,21 +57,24 @@ class _QWeighted(nn.Module):
     def clustered(self) -> bool:
         return isinstance(self.w_fmt, ClusterFormat)
 
-    def cluster_codes(self) -> ClusterCodes:
-        """The cluster codes of the current weights (recomputed only when the weights change)."""
+    def _cluster_cache(self) -> tuple:
+        """(key, ClusterCodes, float weights) of the current weights, recomputed only when they change."""
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
         if self._clusters is None or self._clusters[0] != key:
             cc = quantize_clusters(self.weight.detach().double().cpu().numpy(), self.w_fmt)
-            value = cc.effective() * np.exp2(-cc.frac.astype(np.float64)).reshape(-1, *([1] * (self.weight.dim() - 1)))
-            self._clusters = (key, cc, torch.from_numpy(value))
-        return self._clusters[1]
+            value = torch.from_numpy(cc.effective() * np.exp2(-cc.frac.astype(np.float64)).reshape(
+                -1, *([1] * (self.weight.dim() - 1))))
+            self._clusters = (key, cc, value)
+        return self._clusters
+
+    def cluster_codes(self) -> ClusterCodes:
+        return self._cluster_cache()[1]
 
     def qweight(self) -> torch.Tensor:
         if not self.enabled:
             return self.weight
         if self.clustered:
-            self.cluster_codes()
-            return self._clusters[2].to(self.weight.dtype)
+            return self._cluster_cache()[2].to(self.weight.dtype)
         frac = self._per_channel(self.w_frac).to(self.weight.dtype)
         return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
+from .clusters import expand
 from .errors import LoadError
 from .formats import ACC_BITS, FP32_EXACT_BITS, FRAC_LIMITS
 
@@ -97,10 +98,8 @@ def weight_codes(n: Node) -> np.ndarray:
     scale gives exactly the sum with these effective weights; backends may use either form.
     """
     if n.op in CLUSTER_OPS:
-        t, alpha = n.consts["t"].astype(np.int64), n.consts["alpha"].astype(np.int64)
-        block = int(n.attrs["cluster_size"])
-        rep = np.repeat(alpha, block, axis=1)[:, : t.shape[1]]
-        return t * rep.reshape(rep.shape + (1,) * (t.ndim - 2))
+        t = n.consts["t"].astype(np.int64)
+        return t * expand(n.consts["alpha"].astype(np.int64), t.shape, int(n.attrs["cluster_size"]))
     return n.consts["w"].astype(np.int64)
 
 

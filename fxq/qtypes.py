@@ -57,9 +57,8 @@ class ActFormat:
         return f"{'s' if self.signed else 'u'}{self.bits} f={self.frac} [{r.lo},{r.hi}]"
 
 
-@dataclass(frozen=True)
-class WeightFormat:
-    """Signed symmetric weight codes with one fractional length per output channel."""
+class _SymmetricCodes:
+    """Weight codes are signed and symmetric (``bits`` wide); ``frac`` has one entry per output channel."""
     frac: tuple[int, ...]
     bits: int
 
@@ -73,7 +72,14 @@ class WeightFormat:
 
 
 @dataclass(frozen=True)
-class ClusterFormat:
+class WeightFormat(_SymmetricCodes):
+    """Signed symmetric weight codes with one fractional length per output channel."""
+    frac: tuple[int, ...]
+    bits: int
+
+
+@dataclass(frozen=True)
+class ClusterFormat(_SymmetricCodes):
     """Weights as small codes times one unsigned fixed-point scale per cluster of ``size`` input channels
     (fxq.clusters); ``frac`` is the scales' fractional length, one per output channel."""
     frac: tuple[int, ...]
@@ -82,16 +88,3 @@ class ClusterFormat:
     scale_bits: int           # width of the unsigned scale codes
     threshold: str = "l2"     # ternary zero threshold rule
     rounding: str = "half_even"
-
-    @property
-    def range(self) -> IntRange:
-        return int_range(self.bits, signed=True, symmetric=True)
-
-    @property
-    def frac_array(self) -> np.ndarray:
-        return np.asarray(self.frac, dtype=np.int64)
-
-    @property
-    def code_bits(self) -> int:
-        """Bits of an effective weight code * scale code (signed)."""
-        return self.bits + self.scale_bits

@@ -120,8 +120,7 @@ def multiplications(n: Node) -> tuple[int, int]:
     per_output = int(np.prod(w.shape[1:]))                         # input channels per group x kernel
     if n.op not in CLUSTER_OPS:
         return outputs * per_output, outputs * per_output
-    clusters = -(-w.shape[1] // n.attrs["cluster_size"])
-    return outputs * per_output, outputs * clusters
+    return outputs * per_output, outputs * n.consts["alpha"].shape[1]
 
 
 def _shift_text(n: Node) -> str:

@@ -85,7 +85,7 @@ def test_cluster_accumulation_then_scale_equals_the_reference():
     qm = fxq.compile(tiny("residual"), X, target="dfp-cluster", cluster_size=3, edge_w_bits=None, progress=False)
     from fxq.backends.reference import execute
     env = execute(qm.ir, X.numpy(), keep=True)
-    nodes = [n for n in qm.ir.nodes if n.op in CLUSTER_OPS and n.op is Op.CONV2D_CLUSTER and n.attrs["groups"] == 1]
+    nodes = [n for n in qm.ir.nodes if n.op is Op.CONV2D_CLUSTER and n.attrs["groups"] == 1]
     assert nodes
     for n in nodes:
         x = torch.from_numpy(env[n.inputs[0]].astype(np.float64))

@@ -176,12 +176,16 @@ def main(argv=None):
     (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "bench.md").write_text("# fxq benchmark\n\n" + md + "\n")
     if not args.no_readme:
-        readme = (ROOT / "README.md").read_text()
-        if README_BEGIN in readme and README_END in readme:
-            pre, rest = readme.split(README_BEGIN, 1)
-            post = rest.split(README_END, 1)[1]
-            (ROOT / "README.md").write_text(f"{pre}{README_BEGIN}\n{md}\n{README_END}{post}")
+        write_readme_block(md, README_BEGIN, README_END)
     print("\n" + md)
+
+
+def write_readme_block(md: str, begin: str, end: str) -> None:
+    """Replace README.md's text between the ``begin`` and ``end`` markers (left alone if either is missing)."""
+    readme = (ROOT / "README.md").read_text()
+    if begin in readme and end in readme:
+        pre, rest = readme.split(begin, 1)
+        (ROOT / "README.md").write_text(f"{pre}{begin}\n{md}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

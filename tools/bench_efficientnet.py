@@ -28,6 +28,7 @@ import fxq  # noqa: E402
 from fxq import photos  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 from fxq.zoo import efficientnet_lite  # noqa: E402
+from bench import write_readme_block  # noqa: E402
 
 README_BEGIN, README_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
 FXQ_CONFIGS = [  # (label, target, bits, overrides)
@@ -121,10 +122,7 @@ def main(argv=None):
     (args.out / "bench_efficientnet.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "bench_efficientnet.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
     if not args.no_readme:
-        readme = (ROOT / "README.md").read_text()
-        if README_BEGIN in readme and README_END in readme:
-            pre, rest = readme.split(README_BEGIN, 1)
-            (ROOT / "README.md").write_text(f"{pre}{README_BEGIN}\n{md}\n{README_END}{rest.split(README_END, 1)[1]}")
+        write_readme_block(md, README_BEGIN, README_END)
     print("\n" + md)
 
 
