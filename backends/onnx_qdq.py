@@ -15,6 +15,11 @@ Exactness rests on two facts the verifier supplies: every scale is a power of tw
 accumulator stays below 2**24, so ORT's float32 requantization and float32 fallback paths hold
 the exact integer. Clamps narrower than the dtype are Clip nodes on exact float values (rounding is
 monotonic, so clip-then-round equals round-then-clip).
+
+The int8 target's dyadic scales (mant * 2**-frac) and zero points export the same way: tensors are
+dequantized at the power-of-two part of their step (so float32 sums stay exact integers times 2**-f),
+and each requant is float64 arithmetic that is exact by the verifier's bounds: Mul by M * 2**-n, Round
+(half to even), Add the zero point, Clip, Cast. Only the graph's output uses the true step.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from fxq.errors import ExportError
-from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, exp2, onnx_exact_rounding
+from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, codes_of, exp2, onnx_exact_rounding
 from fxq.ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
 
 OPSET = 21
@@ -91,9 +96,13 @@ class _Builder:
             return self.const(key, np.array([exp2(-f) for f in frac], np.float32))
         return self.const(f"scale_{frac}".replace("-", "m"), np.array(exp2(-frac), np.float32))
 
-    def zero_point(self, dtype: str) -> str:
-        _, np_t, zp = self._carrier(dtype)
-        return self.const(f"zp_{dtype}", np.array(zp, np_t))
+    def zero_point(self, dtype: str, zp: int = 0) -> str:
+        """The ONNX zero point of codes whose own zero point is ``zp`` (plus the carrier's re-bias)."""
+        _, np_t, carrier = self._carrier(dtype)
+        return self.const(f"zp_{dtype}_{zp + carrier}".replace("-", "m"), np.array(zp + carrier, np_t))
+
+    def f64(self, name: str, value) -> str:
+        return self.const(name, np.asarray(value, np.float64))
 
     def _carrier(self, dtype: str):
         if dtype not in CARRIERS:
@@ -111,8 +120,11 @@ class _Builder:
             self.dq_cache[tensor] = self.dq_of(tensor, self.types[tensor])
         return self.dq_cache[tensor]
 
-    def dq_of(self, codes: str, t: TensorType) -> str:
-        return self.node("DequantizeLinear", [codes, self.scale(t.frac), self.zero_point(t.dtype)], f"{codes}_dq")
+    def dq_of(self, codes: str, t: TensorType, frac=None, tag: str = "_dq") -> str:
+        """(code - zp) * 2**-frac (default: the tensor's own frac; a dyadic step's mantissa stays out, so
+        float32 sums of these values are exact integers times a power of two)."""
+        scale = self.scale(t.frac if frac is None else frac)
+        return self.node("DequantizeLinear", [codes, scale, self.zero_point(t.dtype, t.zp)], f"{codes}{tag}")
 
     def q(self, value: str, out: TensorType, name: str) -> str:
         """Quantize a float tensor to ``out``: Clip first where the code range is narrower than the dtype."""
@@ -121,17 +133,22 @@ class _Builder:
             lo = self.const(f"{name}_clip_lo", np.array(out.lo * exp2(-out.frac), np.float32))
             hi = self.const(f"{name}_clip_hi", np.array(out.hi * exp2(-out.frac), np.float32))
             value = self.node("Clip", [value, lo, hi], f"{name}_clip")
-        return self.node("QuantizeLinear", [value, self.scale(out.frac), self.zero_point(out.dtype)], name)
+        return self.node("QuantizeLinear", [value, self.scale(out.frac), self.zero_point(out.dtype, out.zp)], name)
 
     def code_const(self, name: str, t: TensorType, code: int) -> str:
         """A scalar in ``t``'s carrier domain for the integer ``code`` (for Pad and Clip on codes)."""
-        _, np_t, zp = self._carrier(t.dtype)
-        return self.const(name, np.array(code + zp, np_t))
+        _, np_t, carrier = self._carrier(t.dtype)
+        return self.const(name, np.array(code + carrier, np_t))
 
     # -- ops -------------------------------------------------------------------------------------
     def emit(self, n: Node, consumers: dict[str, list[Node]]) -> None:
         ins = n.inputs
-        if n.op is Op.QUANTIZE:
+        if n.op is Op.QUANTIZE and n.out.dyadic:
+            x = self.node("Cast", [ONNX_INPUT], f"{n.name}_f64", to=TensorProto.DOUBLE)
+            x = self.node("Mul", [x, self.f64(f"{n.name}_pow2", exp2(n.out.frac))], f"{n.name}_times_pow2")
+            x = self.node("Div", [x, self.f64(f"{n.name}_mant", n.out.mant)], f"{n.name}_over_mant")
+            self.q_double(x, n.out, n.name, 1.0)
+        elif n.op is Op.QUANTIZE:
             self.q(ONNX_INPUT, n.out, n.name)
         elif n.op in WEIGHTED_OPS:
             users = consumers.get(n.name, [])
@@ -139,6 +156,14 @@ class _Builder:
                 raise ExportError(f"IR node %{n.name}: an accumulator must feed exactly one requant to export as QDQ")
         elif n.op is Op.REQUANT:
             self.weighted(self.g.node(ins[0]), n)
+        elif n.op is Op.ADD_INT and "multipliers" in n.attrs:
+            terms = []
+            for i, (x, m) in enumerate(zip(ins, n.attrs["multipliers"])):
+                codes = self.node("Cast", [self.dq_of(x, self.types[x], 0, f"_{n.name}_int")], f"{n.name}_in{i}_f64",
+                                  to=TensorProto.DOUBLE)
+                terms.append(self.node("Mul", [codes, self.f64(f"{n.name}_m{i}", m * exp2(-n.attrs["shift"]))],
+                                       f"{n.name}_in{i}_scaled"))
+            self.q_double(self.node("Add", terms, f"{n.name}_sum"), n.out, n.name, 1.0)
         elif n.op is Op.ADD_INT:
             total = self.node("Add", [self.dq(ins[0]), self.dq(ins[1])], f"{n.name}_sum")
             self.q(total, n.out, n.name)
@@ -160,14 +185,15 @@ class _Builder:
             for i in range(len(p) // 2):
                 begin[rank - 1 - i], end[rank - 1 - i] = p[2 * i], p[2 * i + 1]
             pads = self.const(f"{n.name}_pads", np.array(begin + end, np.int64))
-            self.node("Pad", [ins[0], pads, self.code_const(f"{n.name}_zero", n.out, 0)], n.name, mode="constant")
+            self.node("Pad", [ins[0], pads, self.code_const(f"{n.name}_zero", n.out, n.out.zp)], n.name, mode="constant")
         elif n.op is Op.CLAMP_INT:
             lo = self.code_const(f"{n.name}_lo", n.out, n.attrs["lo"])
             hi = self.code_const(f"{n.name}_hi", n.out, n.attrs["hi"])
             self.node("Clip", [ins[0], lo, hi], n.name)
         elif n.op is Op.DEQUANTIZE:
             t = self.types[ins[0]]
-            self.node("DequantizeLinear", [ins[0], self.scale(t.frac), self.zero_point(t.dtype)], ONNX_OUTPUT)
+            step = self.const(f"step_{ins[0]}", np.array(t.step, np.float32))      # mant < 2**12: exact
+            self.node("DequantizeLinear", [ins[0], step, self.zero_point(t.dtype, t.zp)], ONNX_OUTPUT)
         else:
             raise ExportError(f"IR node %{n.name}: the ONNX exporter has no form for op {n.op.value}")
 
@@ -204,7 +230,7 @@ class _Builder:
     def weighted(self, acc: Node, rq: Node) -> None:
         b, acc_frac = acc.consts["b"], tuple(int(f) for f in acc.out.frac)
         parts = exact_parts(acc, self.types[acc.inputs[0]])
-        if len(parts) == 1:
+        if len(parts) == 1 and "multiplier" not in rq.attrs:
             x, wd = self.dq(acc.inputs[0]), self.weight_dq(acc)
             zb = self.const(f"{acc.name}_b_zp", np.zeros(len(acc_frac), np.int32))
             bq = self.const(f"{acc.name}_b", b.astype(np.int32))
@@ -216,15 +242,26 @@ class _Builder:
         sums = []
         codes = acc.inputs[0]
         for i, (lo, hi) in enumerate(parts):
-            xs = self.dq_of(self.slice(codes, lo, hi, f"{acc.name}_x{i}"), self.types[codes])
-            ws = self.weight_dq(acc, lo, hi, tag=f"_part{i}")
+            if len(parts) == 1:               # whole (a grouped conv's weights index channels per group)
+                xs, ws = self.dq(codes), self.weight_dq(acc)
+            else:
+                xs = self.dq_of(self.slice(codes, lo, hi, f"{acc.name}_x{i}"), self.types[codes])
+                ws = self.weight_dq(acc, lo, hi, tag=f"_part{i}")
             y = self.product(acc, xs, ws, f"{acc.name}_part{i}")
             sums.append(self.node("Cast", [y], f"{acc.name}_part{i}_f64", to=TensorProto.DOUBLE))
         bias = b.astype(np.float64) * np.exp2(-np.asarray(acc_frac, np.float64))
         bias = bias.reshape((-1,) + (1,) * (len(acc.out.shape) - 2))
         sums.append(self.const(f"{acc.name}_b_f64", bias))
         total = self.node("Sum", sums, f"{acc.name}_f64")
-        self.q_double(total, rq.out, rq.name)
+        self.q_double(total, rq.out, rq.name, self.requant_factor(rq, acc_frac))
+
+    def requant_factor(self, rq: Node, acc_frac) -> np.ndarray | float:
+        """What turns acc * 2**-f_acc into the rounded quantity: 2**f_out, or M * 2**(f_acc - n) (dyadic)."""
+        if "multiplier" not in rq.attrs:
+            return exp2(rq.out.frac)
+        m, n = (np.atleast_1d(np.asarray(rq.attrs[k], np.float64)) for k in ("multiplier", "shift"))
+        factor = m * np.exp2(np.asarray(acc_frac, np.float64) - n)
+        return factor.reshape((-1,) + (1,) * (len(rq.out.shape) - 2)) if factor.size > 1 else float(factor[0])
 
     def product(self, acc: Node, x: str, w: str, name: str, bias: str | None = None) -> str:
         ins = [x, w] + ([bias] if bias else [])
@@ -239,17 +276,17 @@ class _Builder:
         starts, ends = self.const(f"{name}_lo", np.array([lo], np.int64)), self.const(f"{name}_hi", np.array([hi], np.int64))
         return self.node("Slice", [tensor, starts, ends, self.const("axis_1", np.array([1], np.int64))], name)
 
-    def q_double(self, value: str, out: TensorType, name: str) -> str:
-        """QuantizeLinear's rule (round half to even, saturate) on a float64 value, as exact ops."""
-        scaled = self.node("Mul", [value, self.const(f"{name}_scale_f64", np.array(exp2(out.frac), np.float64))],
-                           f"{name}_scaled")
-        rounded = self.node("Round", [scaled], f"{name}_round")
-        lo, hi = self.const(f"{name}_lo", np.array(out.lo, np.float64)), self.const(f"{name}_hi", np.array(out.hi, np.float64))
-        codes = self.node("Clip", [rounded, lo, hi], f"{name}_clip")
-        zp = self._carrier(out.dtype)[2]
-        if zp:
-            codes = self.node("Add", [codes, self.const(f"zp_f64_{zp}".replace("-", "m"), np.array(zp, np.float64))],
-                              f"{name}_carrier")
+    def q_double(self, value: str, out: TensorType, name: str, factor) -> str:
+        """round(value * factor) + zp, saturated (round half to even, as QuantizeLinear), in exact float64 ops."""
+        if not (np.ndim(factor) == 0 and float(factor) == 1.0):
+            value = self.node("Mul", [value, self.f64(f"{name}_factor", factor)], f"{name}_scaled")
+        codes = self.node("Round", [value], f"{name}_round")
+        carrier = self._carrier(out.dtype)[2]
+        shift = out.zp + carrier                 # zero point, then the carrier's re-bias (uint8 as int8)
+        if shift:
+            codes = self.node("Add", [codes, self.f64(f"zp_f64_{shift}".replace("-", "m"), shift)], f"{name}_zp")
+        lo, hi = self.f64(f"{name}_lo", out.lo + carrier), self.f64(f"{name}_hi", out.hi + carrier)
+        codes = self.node("Clip", [codes, lo, hi], f"{name}_clip")
         return self.node("Cast", [codes], name, to=self._carrier(out.dtype)[0])
 
     def avgpool(self, n: Node) -> None:
@@ -261,13 +298,20 @@ class _Builder:
         a, x = n.attrs, self.types[n.inputs[0]]
         channels = x.shape[1]
         kh, kw = a["kernel"]
+        dyadic = "multiplier" in a
         ones = self.const(f"{n.name}_window", np.ones((channels, 1, kh, kw), np.int8))
         zero = self.const("zp_weight", np.array(0, np.int8))
-        window = self.node("DequantizeLinear", [ones, self.scale(a["divisor_log2"]), zero], f"{n.name}_window_dq")
+        k = 0 if dyadic else a["divisor_log2"]          # dyadic: sum the integers, the multiplier divides
+        window = self.node("DequantizeLinear", [ones, self.scale(k), zero], f"{n.name}_window_dq")
         ph, pw = a["padding"]
-        y = self.node("Conv", [self.dq(n.inputs[0]), window], f"{n.name}_sum", group=channels,
+        xd = self.dq_of(n.inputs[0], x, 0, f"_{n.name}_int") if dyadic else self.dq(n.inputs[0])
+        y = self.node("Conv", [xd, window], f"{n.name}_sum", group=channels,
                       kernel_shape=[kh, kw], strides=list(a["stride"]), pads=[ph, pw, ph, pw])
-        self.q(y, n.out, n.name)
+        if not dyadic:
+            self.q(y, n.out, n.name)
+            return
+        total = self.node("Cast", [y], f"{n.name}_sum_f64", to=TensorProto.DOUBLE)
+        self.q_double(total, n.out, n.name, a["multiplier"] * exp2(-a["shift"]))
 
 
 def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) -> onnx.ModelProto:
@@ -313,8 +357,8 @@ def export(g: Graph, path, allow_inexact: bool = False, debug_outputs: bool = Fa
 
 def output_codes(g: Graph, onnx_output: np.ndarray) -> np.ndarray:
     """Codes of ORT's float output: exact, because the output is (code - zp) * 2**-frac in float32."""
-    frac = g.types()[g.node(g.output).inputs[0]].frac
-    return np.rint(onnx_output.astype(np.float64) * exp2(frac)).astype(np.int64)
+    t = g.types()[g.node(g.output).inputs[0]]
+    return codes_of(onnx_output, t.frac, t.mant, t.zp)
 
 
 def session(model_or_path, optimized: bool = True, threads: int = 1):

@@ -10,7 +10,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fxq.errors import InputError
-from fxq.formats import FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, exp2, quantize_np, requant_np
+from fxq.formats import (FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, dyadic_requant_np, quantize_np,
+                         requant_np)
 from fxq.ir import Graph, Node, Op, weight_codes
 
 BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
@@ -54,14 +55,15 @@ class Quantize(OpRun):
     op = Op.QUANTIZE
 
     def run(self, node, x):
-        return quantize_np(x.astype(np.float32), node.out.frac, self.out_range(node), Rounding(node.attrs["rounding"]))
+        o = node.out
+        return quantize_np(x.astype(np.float32), o.frac, self.out_range(node), Rounding(node.attrs["rounding"]), o.mant, o.zp)
 
 
 class Dequantize(OpRun):
     op = Op.DEQUANTIZE
 
-    def run(self, node, x, frac=None):
-        return x.astype(np.float64) * exp2(-frac)
+    def run(self, node, x, t=None):
+        return (x.astype(np.float64) - t.zp) * t.step
 
 
 class Conv2dInt(OpRun):
@@ -79,6 +81,7 @@ class Conv2dInt(OpRun):
         wg = w.astype(dtype).reshape(groups, og, cg * kh * kw).transpose(0, 2, 1)     # [G, C/G*KH*KW, O/G]
         chunk = max(1, COLUMN_BUDGET // max(1, oh * ow * cg * kh * kw * groups))
         outs = []
+        x = x - a.get("x_zp", 0)                     # products see code - zp; padding is then 0.0
         for start in range(0, x.shape[0], chunk):
             xp = np.pad(x[start:start + chunk].astype(dtype), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
             win = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
@@ -97,27 +100,42 @@ class LinearInt(OpRun):
 
     def run(self, node, x):
         w, b = weight_codes(node), node.consts["b"].astype(np.int64)
-        return _exact_matmul(x, w.T, node.out.max_abs) + b
+        return _exact_matmul(x - node.attrs.get("x_zp", 0), w.T, node.out.max_abs) + b
 
 
-def _channel_shift(node: Node, x: np.ndarray) -> np.ndarray:
-    shift = np.asarray(node.attrs["shift"], dtype=np.int64)
-    return shift.reshape((1, -1) + (1,) * (x.ndim - 2)) if shift.ndim else shift
+def _channels(node: Node, key: str, x: np.ndarray) -> np.ndarray:
+    v = np.asarray(node.attrs[key], dtype=np.int64)
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2)) if v.ndim else v
+
+
+def _rescale(node: Node, acc: np.ndarray) -> np.ndarray:
+    """A shift (power-of-two targets) or a multiply then a shift (dyadic), round, add the zero point, clamp."""
+    rng, mode = IntRange(node.out.lo, node.out.hi), Rounding(node.attrs["rounding"])
+    if "multiplier" in node.attrs:
+        return dyadic_requant_np(acc, _channels(node, "multiplier", acc), _channels(node, "shift", acc), node.out.zp,
+                                 rng, mode)
+    return requant_np(acc, _channels(node, "shift", acc), rng, mode)
 
 
 class Requant(OpRun):
     op = Op.REQUANT
 
     def run(self, node, acc):
-        return requant_np(acc, _channel_shift(node, acc), self.out_range(node), Rounding(node.attrs["rounding"]))
+        return _rescale(node, acc)
 
 
 class AddInt(OpRun):
     op = Op.ADD_INT
 
     def run(self, node, a, b):
+        a, b = a.astype(np.int64), b.astype(np.int64)
+        if "multipliers" in node.attrs:
+            (ma, mb), (za, zb) = node.attrs["multipliers"], node.attrs["in_zp"]
+            total = (a - za) * ma + (b - zb) * mb
+            return dyadic_requant_np(total, 1, node.attrs["shift"], node.out.zp, self.out_range(node),
+                                     Rounding(node.attrs["rounding"]))
         sa, sb = node.attrs["align"]
-        total = (a.astype(np.int64) << sa) + (b.astype(np.int64) << sb)
+        total = (a << sa) + (b << sb)
         return requant_np(total, node.attrs["shift"], self.out_range(node), Rounding(node.attrs["rounding"]))
 
 
@@ -127,9 +145,9 @@ class AvgPoolInt(OpRun):
     def run(self, node, x):
         a = node.attrs
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+        xp = np.pad(x - a.get("x_zp", 0), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
         sums = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw].sum(axis=(-1, -2), dtype=np.int64)
-        return requant_np(sums, a["shift"], self.out_range(node), Rounding(a["rounding"]))
+        return _rescale(node, sums)
 
 
 class MaxPoolInt(OpRun):
@@ -165,7 +183,7 @@ class PadInt(OpRun):
         widths = [(0, 0)] * x.ndim
         for i in range(len(p) // 2):
             widths[x.ndim - 1 - i] = (p[2 * i], p[2 * i + 1])
-        return np.pad(x, widths)
+        return np.pad(x, widths, constant_values=node.out.zp)       # the code of 0.0
 
 
 class ClampInt(OpRun):
@@ -214,7 +232,7 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
         if node.op is Op.DEQUANTIZE:
-            env[node.name] = OPS[node.op].run(node, xs[0], frac=types[node.inputs[0]].frac)
+            env[node.name] = OPS[node.op].run(node, xs[0], t=types[node.inputs[0]])
         else:
             env[node.name] = OPS[node.op].run(node, *xs)
     return env if keep else {g.output: env[g.output], "codes": env[g.node(g.output).inputs[0]]}

@@ -13,7 +13,7 @@ from torch import nn
 
 from .context import CompileContext
 from .errors import CalibrationError, InputError, LoadError
-from .formats import exp2
+from .formats import codes_of
 from .ir import Graph
 from .lower import lower
 from .pipeline import run_passes
@@ -110,8 +110,8 @@ class QuantizedModel:
             self._fake64 = copy.deepcopy(self.fake).double()
         with torch.no_grad():
             out = self._fake64(x.double()).numpy()
-        frac = self.ir.types()[self.ir.node(self.ir.output).inputs[0]].frac
-        return np.rint(out * exp2(frac)).astype(np.int64)
+        t = self.ir.types()[self.ir.node(self.ir.output).inputs[0]]
+        return codes_of(out, t.frac, t.mant, t.zp)
 
     def run(self, x) -> np.ndarray:
         """The integer reference backend: float input, float64 output (dequantized codes)."""

@@ -1,8 +1,13 @@
 """Torch modules of the fake-quant model: they round and saturate exactly as the integer graph does.
 
-In float64 every value they produce is exactly ``code * 2**-frac`` (sums of 8-bit products stay far
-below 2**53), so ``round(out * 2**frac)`` gives the integer graph's codes. In float32 the same holds
-while accumulators stay below 2**24, which the verifier reports per layer.
+In float64 every value they produce is exactly ``(code - zp) * mant * 2**-frac`` (sums of 8-bit
+products times 8-bit mantissas stay far below 2**53), so ``fxq.formats.codes_of`` gives the integer
+graph's codes. In float32 the same holds for power-of-two targets while accumulators stay below 2**24,
+which the verifier reports per layer.
+
+On dyadic targets (int8) a FakeQuant that ends a conv/linear/add/pool carries a ``DyadicRequant``: it
+recovers the integer accumulator from the exact float value and applies the integer multiplier and
+shift, so it rounds exactly where the integer graph does.
 """
 from __future__ import annotations
 
@@ -12,34 +17,77 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clusters import ClusterCodes, quantize_clusters
-from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range
+from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range, round_torch
 from .qtypes import ActFormat, ClusterFormat, WeightFormat
+
+
+class DyadicRequant(nn.Module):
+    """acc -> round(acc * M * 2**-n): the accumulator is the input value over its step ``src_mant *
+    2**-src_frac`` (per channel), which float64 recovers exactly."""
+
+    def __init__(self, src_mant, src_frac, multiplier, shift):
+        super().__init__()
+        for name, v in (("src_mant", src_mant), ("src_frac", src_frac), ("multiplier", multiplier), ("shift", shift)):
+            self.register_buffer(name, torch.as_tensor(np.asarray(v, np.float64)), persistent=False)
+
+    def _channels(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        t = t.to(x.dtype)
+        return t.reshape((1, -1) + (1,) * (x.dim() - 2)) if t.dim() else t
+
+    def forward(self, x, rounding: Rounding) -> torch.Tensor:
+        acc = torch.round(x * torch.exp2(self._channels(self.src_frac, x)) / self._channels(self.src_mant, x))
+        scaled = acc * self._channels(self.multiplier, x) * torch.exp2(-self._channels(self.shift, x))
+        return round_torch(scaled, rounding)
 
 
 class FakeQuant(nn.Module):
     """Quantizes a tensor to an activation format (the qpoints of the integer graph)."""
 
-    def __init__(self, fmt: ActFormat, rounding: Rounding):
+    def __init__(self, fmt: ActFormat, rounding: Rounding, requant: DyadicRequant | None = None):
         super().__init__()
         self.fmt = fmt
         self.rounding = Rounding(rounding)
         self.ste = False
         self.enabled = True          # off: the same graph computes in float (for SQNR and calibration passes)
+        self.requant = requant
 
     def forward(self, x):
         if not self.enabled:
             return x
-        return fake_quant(x, self.fmt.frac, self.fmt.range, self.rounding, ste=self.ste)
+        f = self.fmt
+        if self.requant is not None:
+            r = f.range
+            codes = torch.clamp(self.requant(x, self.rounding) + f.zp, r.lo, r.hi)
+            return (codes - f.zp) * f.step
+        return fake_quant(x, f.frac, f.range, self.rounding, ste=self.ste, mant=f.mant, zp=f.zp)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt.describe()}, {self.rounding.value}"
+        return f"{self.fmt.describe()}, {self.rounding.value}" + (", dyadic requant" if self.requant is not None else "")
+
+
+class QAdd(nn.Module):
+    """A residual add on a dyadic target: (a - zp_a) * M_a + (b - zp_b) * M_b, an integer that the
+    FakeQuant after it shifts; each input's codes come back exactly from its value."""
+
+    def __init__(self, a_fmt: ActFormat, b_fmt: ActFormat, multipliers: tuple[int, int]):
+        super().__init__()
+        self.steps = (a_fmt.step, b_fmt.step)
+        self.multipliers = tuple(int(m) for m in multipliers)
+        self.enabled = True
+
+    def forward(self, a, b):
+        if not self.enabled:
+            return a + b
+        (sa, sb), (ma, mb) = self.steps, self.multipliers
+        return torch.round(a / sa) * ma + torch.round(b / sb) * mb
 
 
 class _QWeighted(nn.Module):
     """Holds the float (folded) weights and rounds them on every call, so passes can still tune them."""
 
-    def __init__(self, layer: nn.Module, w_fmt: WeightFormat | ClusterFormat, in_frac: int, rounding: Rounding):
+    def __init__(self, layer: nn.Module, w_fmt: WeightFormat | ClusterFormat, in_fmt: ActFormat, rounding: Rounding):
         super().__init__()
+        in_frac = in_fmt.frac
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone() if layer.bias is not None
                                  else torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
@@ -48,6 +96,8 @@ class _QWeighted(nn.Module):
         self.rounding = Rounding(rounding)
         self.enabled = True
         self.register_buffer("w_frac", torch.tensor(w_fmt.frac, dtype=torch.float64), persistent=False)
+        self.register_buffer("w_mant", torch.from_numpy(w_fmt.mant_array.astype(np.float64)), persistent=False)
+        self.in_mant = int(in_fmt.mant)
         self._clusters: tuple | None = None      # (weight version key, ClusterCodes, float weights)
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
@@ -76,21 +126,32 @@ class _QWeighted(nn.Module):
         if self.clustered:
             return self._cluster_cache()[2].to(self.weight.dtype)
         frac = self._per_channel(self.w_frac).to(self.weight.dtype)
-        return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
+        if self.w_fmt.mant_array.max() == 1:
+            return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
+        mant = self._per_channel(self.w_mant).to(self.weight.dtype)
+        return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding, mant=mant)
 
     def qbias(self) -> torch.Tensor:
+        """The bias at the accumulator's step (input step x weight step), saturated to int32."""
         if not self.enabled:
             return self.bias
-        return fake_quant(self.bias, (self.w_frac + self.in_frac).to(self.bias.dtype), ACC_RANGE, self.rounding)
+        frac = (self.w_frac + self.in_frac).to(self.bias.dtype)
+        if self.in_mant == 1 and self.w_fmt.mant_array.max() == 1:
+            return fake_quant(self.bias, frac, ACC_RANGE, self.rounding)
+        return fake_quant(self.bias, frac, ACC_RANGE, self.rounding, mant=(self.w_mant * self.in_mant).to(self.bias.dtype))
 
     @property
     def bias_frac(self) -> torch.Tensor:
         return self.w_frac + self.in_frac
 
+    @property
+    def acc_mant(self) -> np.ndarray:
+        return self.w_fmt.mant_array * self.in_mant
+
 
 class QConv2d(_QWeighted):
-    def __init__(self, conv: nn.Conv2d, w_fmt, in_frac, rounding):
-        super().__init__(conv, w_fmt, in_frac, rounding)
+    def __init__(self, conv: nn.Conv2d, w_fmt, in_fmt, rounding):
+        super().__init__(conv, w_fmt, in_fmt, rounding)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
     def forward(self, x):
@@ -103,20 +164,21 @@ class QLinear(_QWeighted):
         return F.linear(x, self.qweight().to(x.dtype), self.qbias().to(x.dtype))
 
 
-def clamp_codes(lo: float, hi: float, frac: int) -> IntRange:
-    """The codes a clamp to [lo, hi] keeps at ``frac`` (infinite bounds: the widest codes)."""
-    return ActFormat(frac, 32, True, (lo, hi)).range
+def clamp_codes(lo: float, hi: float, frac: int, mant: int = 1, zp: int = 0) -> IntRange:
+    """The codes a clamp to [lo, hi] keeps at step mant * 2**-frac (infinite bounds: the widest codes)."""
+    return ActFormat(frac, 32, True, (lo, hi), mant, zp).range
 
 
-def on_grid_clamp(lo: float, hi: float, frac: int) -> tuple[float, float]:
-    """A standalone clamp on codes at ``frac``: bounds moved to the grid the integer graph clamps at."""
-    rng = clamp_codes(lo, hi, frac)
+def on_grid_clamp(lo: float, hi: float, fmt: ActFormat) -> tuple[float, float]:
+    """A standalone clamp on codes of ``fmt``: bounds moved to the grid the integer graph clamps at."""
+    rng = clamp_codes(lo, hi, fmt.frac, fmt.mant, fmt.zp)
     full = int_range(32, True)
-    return (rng.lo * 2.0 ** -frac if rng.lo > full.lo else lo, rng.hi * 2.0 ** -frac if rng.hi < full.hi else hi)
+    return ((rng.lo - fmt.zp) * fmt.step if rng.lo > full.lo else lo,
+            (rng.hi - fmt.zp) * fmt.step if rng.hi < full.hi else hi)
 
 
 def set_quantization(gm: nn.Module, enabled: bool) -> None:
     """Switch every fake-quant module of ``gm`` on or off (off: the folded float model)."""
     for m in gm.modules():
-        if isinstance(m, (FakeQuant, _QWeighted)):
+        if isinstance(m, (FakeQuant, _QWeighted, QAdd)):
             m.enabled = enabled

@@ -1,6 +1,7 @@
 """Every number format and rounding rule of fxq, in one place.
 
-A quantized value is ``code * 2**-frac``. The fake-quant torch model, the numpy reference backend and
+A quantized value is ``code * 2**-frac``; on the ``int8`` target, ``(code - zp) * mant * 2**-frac`` with an
+integer mantissa ``mant`` (a dyadic scale) and a zero point ``zp``. The fake-quant torch model, the numpy reference backend and
 the ONNX exporter all call the functions here, so they cannot disagree on a tie or a saturation.
 Nothing else in fxq should write ``round(``, ``>>`` or an integer limit such as 127.
 """
@@ -102,22 +103,63 @@ def round_np(x: np.ndarray, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
     return np.floor(x)
 
 
-def quantize_np(x: np.ndarray, frac, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
-    """Float values to int64 codes: round(x * 2**frac), saturated. Multiplying by 2**frac is exact."""
+def quantize_np(x: np.ndarray, frac, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING, mant=1, zp=0) -> np.ndarray:
+    """Float values to int64 codes: round(x * 2**frac / mant) + zp, saturated.
+
+    Multiplying by 2**frac is exact and the division is IEEE float64 (correctly rounded) in numpy and
+    torch alike, so the fake-quant model and the reference backend round the same ties.
+    """
     scaled = np.asarray(x, dtype=np.float64) * np.exp2(np.asarray(frac, dtype=np.float64))
-    return rng.clip_np(round_np(scaled, mode)).astype(np.int64)
+    if np.any(np.asarray(mant) != 1):
+        scaled = scaled / np.asarray(mant, dtype=np.float64)
+    return rng.clip_np(round_np(scaled, mode) + np.asarray(zp, dtype=np.int64)).astype(np.int64)
 
 
 def fake_quant(x: torch.Tensor, frac, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING,
-               ste: bool = False) -> torch.Tensor:
-    """The value the integer graph will hold for ``x``: codes * 2**-frac, rounded and saturated.
+               ste: bool = False, mant=1, zp: int = 0) -> torch.Tensor:
+    """The value the integer graph will hold for ``x``: (codes - zp) * mant * 2**-frac, rounded and saturated.
 
-    ``frac`` is an int or a tensor broadcastable to ``x`` (per-channel). With ``ste`` the gradient
-    passes straight through, which calibration passes use to optimise through the rounding.
+    ``frac`` and ``mant`` are ints or tensors broadcastable to ``x`` (per-channel). With ``ste`` the
+    gradient passes straight through, which calibration passes use to optimise through the rounding.
     """
     scale = torch.exp2(torch.as_tensor(frac, dtype=x.dtype, device=x.device))
-    q = torch.clamp(round_torch(x * scale, mode), rng.lo, rng.hi) / scale
+    if isinstance(mant, torch.Tensor) or mant != 1 or zp:
+        mant = torch.as_tensor(mant, dtype=x.dtype, device=x.device)
+        codes = torch.clamp(round_torch(x * scale / mant, mode) + zp, rng.lo, rng.hi)
+        q = (codes - zp) * mant / scale
+    else:
+        q = torch.clamp(round_torch(x * scale, mode), rng.lo, rng.hi) / scale
     return x + (q - x).detach() if ste else q
+
+
+def codes_of(values: np.ndarray, frac, mant=1, zp=0) -> np.ndarray:
+    """The codes behind exact dequantized values (value = (code - zp) * mant * 2**-frac)."""
+    scaled = np.asarray(values, np.float64) * np.exp2(np.asarray(frac, np.float64)) / np.asarray(mant, np.float64)
+    return (np.rint(scaled) + np.asarray(zp, np.int64)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# dyadic numbers: the int8 target's scales (mant * 2**-frac) and requant multipliers (M * 2**-n)
+# ---------------------------------------------------------------------------------------------
+def dyadic(x, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest m * 2**-f to each positive ``x`` with m a ``bits``-wide integer in [2**(bits-1), 2**bits).
+
+    Zero or non-finite entries (a dead channel) get m * 2**-f = 1, so their scales stay ordinary.
+    """
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x) & (x > 0)
+    safe = np.where(ok, x, 1.0)
+    f = bits - 1 - np.floor(np.log2(safe))
+    m = np.rint(safe * np.exp2(f))
+    carry = m >= 2**bits                       # rounding up to the next power of two
+    m, f = np.where(carry, m / 2, m), np.where(carry, f - 1, f)
+    return m.astype(np.int64), f.astype(np.int64)
+
+
+def dyadic_requant_np(acc: np.ndarray, multiplier, shift, zp, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    """round(acc * M * 2**-n) + zp, saturated: the int8 target's requantization, in integers."""
+    prod = np.asarray(acc, np.int64) * np.asarray(multiplier, np.int64)
+    return rng.clip_np(shift_round_np(prod, shift, mode) + np.asarray(zp, np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +197,47 @@ def shift_round_np(acc: np.ndarray, shift, mode: Rounding = DEFAULT_ROUNDING) ->
 def requant_np(acc: np.ndarray, shift, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
     """Shift, round, saturate: the one requantization every executor performs."""
     return rng.clip_np(shift_round_np(acc, shift, mode))
+
+
+def bias_frac_cap(bias: np.ndarray, in_step: float, w_mant: np.ndarray, acc_bits: int) -> np.ndarray:
+    """Per output channel, the largest weight frac at which the bias code |b| / (in_step * w_step) stays
+    within 2**(acc_bits - 2), leaving half the accumulator to the products. A channel whose weights
+    vanish (a BN with gamma ~ 0) would otherwise pick a tiny step that no int32 bias can follow."""
+    b = np.abs(np.asarray(bias, np.float64))
+    limit = exp2(acc_bits - 2) * in_step * np.asarray(w_mant, np.float64)
+    with np.errstate(divide="ignore"):
+        cap = np.where(b > 0, np.floor(np.log2(limit / np.where(b > 0, b, 1.0))), FRAC_LIMITS[1])
+    return np.clip(cap, FRAC_LIMITS[0], FRAC_LIMITS[1]).astype(np.int64)
+
+
+def step_of(frac, mant=1) -> np.ndarray:
+    """The real step of a format, mant * 2**-frac (float64, exact)."""
+    return np.asarray(mant, np.float64) * np.exp2(-np.asarray(frac, np.float64))
+
+
+def affine_range(lo: float, hi: float, bits: int, mant_bits: int) -> tuple[int, int, int]:
+    """(mant, frac, zp) of unsigned ``bits``-wide codes covering [min(lo, 0), max(hi, 0)], zero exact."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    top = 2**bits - 1
+    m, f = dyadic((hi - lo) / top if hi > lo else 0.0, mant_bits)
+    zp = int(np.clip(np.rint(-lo / step_of(f, m)), 0, top))
+    return int(m), int(f), zp
+
+
+def search_affine(sample: np.ndarray, bits: int, mant_bits: int, shrink: tuple, mode: Rounding = DEFAULT_ROUNDING):
+    """(mant, frac, zp) with the least squared error on ``sample`` among the min/max range shrunk by each
+    factor in ``shrink`` (1.0: no clipping)."""
+    sample = np.asarray(sample, np.float64)
+    lo, hi = float(sample.min(initial=0.0)), float(sample.max(initial=0.0))
+    rng = int_range(bits, signed=False)
+    best, best_err = None, np.inf
+    for k in shrink:
+        m, f, zp = affine_range(lo * k, hi * k, bits, mant_bits)
+        q = (quantize_np(sample, f, rng, mode, m, zp) - zp) * step_of(f, m)
+        err = float(((q - sample) ** 2).sum())
+        if err < best_err:
+            best, best_err = (m, f, zp), err
+    return best
 
 
 def onnx_exact_rounding(mode: Rounding) -> bool:

@@ -2,7 +2,9 @@
 
 Every tensor has an integer dtype, a shape (batch dim ``None``), a code range [lo, hi] and a
 fractional length ``frac`` (value = code * 2**-frac; per channel for int32 accumulators). Scales are
-therefore exact powers of two by construction, and every rescale is a shift. ``verify()`` checks the
+therefore exact powers of two by construction, and every rescale is a shift. The one exception is the
+``int8`` target: its tensors also carry an integer mantissa and a zero point (value = (code - zp) *
+mant * 2**-frac), and its rescales multiply by an integer before they shift. ``verify()`` checks the
 invariants the backends rely on and names the node that breaks one.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from .clusters import expand
 from .errors import LoadError
-from .formats import ACC_BITS, FP32_EXACT_BITS, FRAC_LIMITS
+from .formats import ACC_BITS, FP32_EXACT_BITS, FRAC_LIMITS, step_of
 
 FORMAT_VERSION = 1
 
@@ -30,8 +32,8 @@ class Op(str, enum.Enum):
     LINEAR_INT = "linear_int"      # likewise for a matrix product
     CONV2D_CLUSTER = "conv2d_cluster"  # per cluster of N input channels: sum of code x input (adds for
     LINEAR_CLUSTER = "linear_cluster"  # ternary codes), times the cluster's scale code; int32 accumulate
-    REQUANT = "requant"            # int32 -> narrow codes: shift (per channel), round, clamp
-    ADD_INT = "add_int"            # align by left shifts, add in int32, then requant
+    REQUANT = "requant"            # int32 -> narrow codes: (multiply,) shift (per channel), round, clamp
+    ADD_INT = "add_int"            # align by left shifts (or multipliers), add in int32, then requant
     AVGPOOL_INT = "avgpool_int"    # window sum, divide by 2**k as a shift, requant
     MAXPOOL_INT = "maxpool_int"    # max of codes (same format in and out)
     CONCAT_INT = "concat_int"      # codes of one format, joined along an axis
@@ -58,27 +60,49 @@ class TensorType:
     frac: int | tuple | None = None   # None for float tensors; a tuple is per channel (axis 1)
     lo: int | None = None             # code range the producer guarantees
     hi: int | None = None
+    mant: int | tuple = 1             # int8 target: integer mantissa of the step (a tuple is per channel)
+    zp: int = 0                       # int8 target: the code of the value 0
 
     @property
     def frac_array(self) -> np.ndarray:
         return np.asarray(self.frac, dtype=np.int64)
 
     @property
+    def mant_array(self) -> np.ndarray:
+        return np.asarray(self.mant, dtype=np.int64)
+
+    @property
+    def step(self) -> np.ndarray:
+        """mant * 2**-frac, per channel for accumulators (float64, exact)."""
+        return step_of(self.frac_array, self.mant_array)
+
+    @property
+    def dyadic(self) -> bool:
+        return bool(np.any(self.mant_array != 1)) or self.zp != 0
+
+    @property
     def max_abs(self) -> int:
-        return max(abs(self.lo), abs(self.hi))
+        """Largest |code - zp|: the magnitude a product or a sum sees."""
+        return max(abs(self.lo - self.zp), abs(self.hi - self.zp))
 
     def short(self) -> str:
         dims = ",".join("N" if d is None else str(d) for d in self.shape)
         text = f"{SHORT_DTYPE.get(self.dtype, self.dtype)}[{dims}]"
-        return text if self.frac is None else f"{text} f={_frac_text(self.frac)}"
+        if self.frac is None:
+            return text
+        if not self.dyadic:
+            return f"{text} f={_frac_text(self.frac)}"
+        zp = f" zp={self.zp}" if self.zp else ""
+        return f"{text} s={_frac_text(self.mant)}*2^-{_frac_text(self.frac)}{zp}"
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi}
+        return {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi,
+                "mant": _jsonable(self.mant), "zp": self.zp}
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorType":
-        frac = d["frac"]
-        return cls(d["dtype"], tuple(d["shape"]), tuple(frac) if isinstance(frac, list) else frac, d["lo"], d["hi"])
+        tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        return cls(d["dtype"], tuple(d["shape"]), tup(d["frac"]), d["lo"], d["hi"], tup(d.get("mant", 1)), d.get("zp", 0))
 
 
 @dataclass
@@ -173,7 +197,10 @@ class Graph:
                            f"f={_frac_text(tuple(a['w_frac']))}")
             else:
                 w = n.consts["w"]
-                ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] f={_frac_text(tuple(a['w_frac']))}")
+                step = f"f={_frac_text(tuple(a['w_frac']))}"
+                if "w_mant" in a:
+                    step = f"s={_frac_text(tuple(a['w_mant']))}*2^-{_frac_text(tuple(a['w_frac']))}"
+                ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] {step}")
             ins.append(f"b:i32 f={_frac_text(n.out.frac)}")
             if n.op in CONV_OPS:
                 conv = [f"s={_pair_text(a['stride'])}", f"p={_pair_text(a['padding'])}"]
@@ -181,11 +208,17 @@ class Graph:
                 conv += [f"g={a['groups']}"] if a["groups"] != 1 else []
                 ins += conv
         elif n.op in REQUANTIZING:
-            if n.op is Op.ADD_INT:
+            if n.op is Op.ADD_INT and "multipliers" in a:
+                ins = [f"({t}{-z:+d}) x{m}" if z else f"{t} x{m}" for t, z, m in zip(ins, a["in_zp"], a["multipliers"])]
+            elif n.op is Op.ADD_INT:
                 ins = [f"{t} <<{s}" if s else t for t, s in zip(ins, a["align"])]
             if n.op is Op.AVGPOOL_INT:
                 ins.append(f"k={_pair_text(a['kernel'])} sum/2^{a['divisor_log2']}")
+            if "multiplier" in a:
+                ins.append(f"x{_frac_text(_tuple(a['multiplier']))}")
             ins.append(f">>{_frac_text(_tuple(a['shift']))} {a['rounding']}")
+            if n.out.zp:
+                ins.append(f"+{n.out.zp}")
             ins.append(f"clamp[{n.out.lo},{n.out.hi}]")
         elif n.op is Op.MAXPOOL_INT:
             ins.append(f"k={_pair_text(a['kernel'])} s={_pair_text(a['stride'])} p={_pair_text(a['padding'])}")

@@ -1,19 +1,21 @@
 """lower: the fake-quant GraphModule becomes the integer IR.
 
 Reads: ``meta[KIND]``, ``meta[ROLE]``, ``meta[ACT_FMT]``, ``meta[SHAPE]`` and the QConv2d/QLinear/
-FakeQuant modules that insert_fake_quant left. Each FakeQuant marks where a requantizing op ends:
+QAdd/FakeQuant modules that insert_fake_quant left. Each FakeQuant marks where a requantizing op ends:
 its producer (conv/linear accumulator, add, average pool, or the model input) is emitted there with
-the format's shift and clamp. Constants are the codes the fake-quant modules round to, computed by the
-same fxq.formats functions.
+the format's shift and clamp, and on dyadic targets the multiplier the FakeQuant holds. Constants are
+the codes the fake-quant modules round to, computed by the same fxq.formats functions.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch.fx as fx
 
 from . import meta
 from .errors import UnsupportedOp, describe_node
-from .fakequant import QConv2d, QLinear, clamp_codes
+from .fakequant import QAdd, QConv2d, QLinear, clamp_codes
 from .formats import ACC_RANGE, quantize_np, storage_dtype
 from .ir import Graph, Node, Op, TensorType
 from .qtypes import ActFormat
@@ -26,7 +28,11 @@ def _batchless(shape) -> tuple:
 
 def _act_type(fmt: ActFormat, shape) -> TensorType:
     r = fmt.range
-    return TensorType(fmt.dtype, _batchless(shape), int(fmt.frac), r.lo, r.hi)
+    return TensorType(fmt.dtype, _batchless(shape), int(fmt.frac), r.lo, r.hi, int(fmt.mant), int(fmt.zp))
+
+
+def _ints(v) -> tuple:
+    return tuple(int(x) for x in np.atleast_1d(np.asarray(v)))
 
 
 class _Lowerer:
@@ -83,14 +89,23 @@ class _Lowerer:
         rounding = self.target.rounding.value
         kind = src.meta[meta.KIND]
         name = src.name
+        dyadic = self.modules[fq_node.target].requant        # the multiplier and shift, on dyadic targets
         if kind == "input":
             return self.emit(f"{name}_q", Op.QUANTIZE, [name], out, {"rounding": rounding})
         if kind in meta.WEIGHTED:
             acc = self.ir_input(src)
+            if dyadic is not None:
+                return self.emit(f"{name}_rq", Op.REQUANT, [acc], out, {
+                    "multiplier": _ints(dyadic.multiplier), "shift": _ints(dyadic.shift), "rounding": rounding})
             shift = tuple(int(f) - fmt.frac for f in self.types[acc].frac)
             return self.emit(f"{name}_rq", Op.REQUANT, [acc], out, {"shift": shift, "rounding": rounding})
         if kind == "add":
             a, b = (self.ir_input(x) for x in src.args[:2])
+            if dyadic is not None:
+                qadd: QAdd = self.modules[src.target]
+                return self.emit(name, Op.ADD_INT, [a, b], out, {
+                    "multipliers": qadd.multipliers, "in_zp": (self.types[a].zp, self.types[b].zp),
+                    "shift": int(dyadic.shift), "rounding": rounding})
             fa, fb = int(self.types[a].frac), int(self.types[b].frac)
             common = max(fa, fb)
             return self.emit(name, Op.ADD_INT, [a, b], out, {"align": (common - fa, common - fb),
@@ -99,9 +114,11 @@ class _Lowerer:
             x = self.ir_input(src.args[0])
             _, kernel, stride, padding, _, _, divisor = src.args[:7]
             k = int(divisor).bit_length() - 1
-            return self.emit(name, Op.AVGPOOL_INT, [x], out, {
-                "kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding), "divisor_log2": k,
-                "shift": int(self.types[x].frac) + k - fmt.frac, "rounding": rounding})
+            attrs = {"kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding), "divisor_log2": k,
+                     "shift": int(self.types[x].frac) + k - fmt.frac, "rounding": rounding}
+            if dyadic is not None:
+                attrs.update(multiplier=int(dyadic.multiplier), shift=int(dyadic.shift), x_zp=self.types[x].zp)
+            return self.emit(name, Op.AVGPOOL_INT, [x], out, attrs)
         raise UnsupportedOp(f"{describe_node(src)}: no integer op produces a {kind!r} output")
 
     # -- conv / linear: accumulate in int32 -----------------------------------------------------------
@@ -110,9 +127,13 @@ class _Lowerer:
         assert isinstance(layer, (QConv2d, QLinear))
         x = self.ir_input(node.args[0])
         xt = self.types[x]
-        w_frac = layer.w_fmt.frac_array
+        w_frac, w_mant = layer.w_fmt.frac_array, layer.w_fmt.mant_array
         is_conv = isinstance(layer, QConv2d)
         attrs = {"w_bits": layer.w_fmt.bits, "w_frac": tuple(int(f) for f in w_frac)}
+        if np.any(w_mant != 1):
+            attrs["w_mant"] = _ints(w_mant)
+        if xt.zp:
+            attrs["x_zp"] = int(xt.zp)          # products see code - zp, so zero padding stays 0.0
         if layer.clustered:
             cc = layer.cluster_codes()
             w_codes = cc.effective()
@@ -123,15 +144,17 @@ class _Lowerer:
         else:
             w = layer.weight.detach().double().numpy()
             shape = (-1,) + (1,) * (w.ndim - 1)
-            w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding)
+            w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding, w_mant.reshape(shape))
             consts = {"w": w_codes.astype(storage_dtype(layer.w_fmt.bits, signed=True))}
             op = Op.CONV2D_INT if is_conv else Op.LINEAR_INT
         b_frac = w_frac + int(xt.frac)
-        b_codes = quantize_np(layer.bias.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding)
+        b_mant = w_mant * int(xt.mant)
+        b_codes = quantize_np(layer.bias.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding, b_mant)
         consts["b"] = b_codes.astype(np.int32)
         bound = np.abs(w_codes).reshape(w_codes.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
         acc_max = int(min(bound.max(), 2**62))
-        out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), tuple(int(f) for f in b_frac), -acc_max, acc_max)
+        mant = _ints(b_mant) if np.any(b_mant != 1) else 1
+        out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), _ints(b_frac), -acc_max, acc_max, mant)
         if is_conv:
             attrs.update(stride=tuple(layer.stride), padding=tuple(layer.padding),
                          dilation=tuple(layer.dilation), groups=int(layer.groups))
@@ -145,11 +168,11 @@ class _Lowerer:
             ins = [self.ir_input(x) for x in node.args[0]]
             t0 = self.types[ins[0]]
             lo, hi = min(self.types[i].lo for i in ins), max(self.types[i].hi for i in ins)
-            return self.emit(node.name, Op.CONCAT_INT, ins, TensorType(t0.dtype, shape, t0.frac, lo, hi),
+            return self.emit(node.name, Op.CONCAT_INT, ins, replace(t0, shape=shape, lo=lo, hi=hi),
                              {"axis": int(node.args[1])})
         x = self.ir_input(node.args[0])
         t = self.types[x]
-        same = TensorType(t.dtype, shape, t.frac, t.lo, t.hi)
+        same = replace(t, shape=shape)
         if kind in ("flatten", "reshape"):
             return self.emit(node.name, Op.RESHAPE, [x], same, {"shape": (-1,) + tuple(shape[1:])})
         if kind == "maxpool":
@@ -157,15 +180,15 @@ class _Lowerer:
             return self.emit(node.name, Op.MAXPOOL_INT, [x], same, {
                 "kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding),
                 "dilation": tuple(dilation), "ceil_mode": bool(ceil_mode)})
-        if kind == "pad":
-            lo, hi = min(t.lo, 0), max(t.hi, 0)
-            return self.emit(node.name, Op.PAD_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi),
+        if kind == "pad":                           # pads with the code of 0.0
+            lo, hi = min(t.lo, t.zp), max(t.hi, t.zp)
+            return self.emit(node.name, Op.PAD_INT, [x], replace(t, shape=shape, lo=lo, hi=hi),
                              {"pads": tuple(int(p) for p in node.args[1])})
         if kind in ("relu", "clamp"):
             bounds = (0.0, float("inf")) if kind == "relu" else (node.args[1], node.args[2])
-            codes = clamp_codes(*bounds, t.frac)
+            codes = clamp_codes(*bounds, t.frac, int(t.mant), t.zp)
             lo, hi = max(t.lo, codes.lo), min(t.hi, codes.hi)
-            return self.emit(node.name, Op.CLAMP_INT, [x], TensorType(t.dtype, shape, t.frac, lo, hi), {"lo": lo, "hi": hi})
+            return self.emit(node.name, Op.CLAMP_INT, [x], replace(t, shape=shape, lo=lo, hi=hi), {"lo": lo, "hi": hi})
         raise UnsupportedOp(f"{describe_node(node)}: no integer op for pass-through kind {kind!r}")
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .formats import IntRange, exp2, int_range, round_np, storage_dtype
+from .formats import IntRange, int_range, round_np, step_of, storage_dtype
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class BNStats:
 
 @dataclass(frozen=True)
 class ActFormat:
-    """An activation's codes: value = code * 2**-frac, codes in [lo, hi].
+    """An activation's codes: value = (code - zp) * mant * 2**-frac, codes in [lo, hi].
+
+    ``mant`` and ``zp`` are 1 and 0 except on dyadic targets (int8), whose scales are any
+    mant * 2**-frac and whose codes are affine.
 
     ``clamp`` is the float range of a fused activation (ReLU: (0, inf), ReLU6: (0, 6)); the code
     bounds follow from it and the dtype. Rounding is monotonic, so clamping the float value and then
@@ -38,23 +41,35 @@ class ActFormat:
     bits: int
     signed: bool
     clamp: tuple[float, float] = (-float("inf"), float("inf"))
+    mant: int = 1
+    zp: int = 0
 
     @property
     def dtype(self) -> str:
         return storage_dtype(self.bits, self.signed)
 
     @property
+    def step(self) -> float:
+        return float(step_of(self.frac, self.mant))
+
+    @property
     def range(self) -> IntRange:
         full = int_range(self.bits, self.signed)
-        lo, hi = (round_np(np.array(c) * exp2(self.frac)) for c in self.clamp)
+        lo, hi = (round_np(np.array(c) / self.step) + self.zp for c in self.clamp)
         return IntRange(int(max(full.lo, lo)), int(min(full.hi, hi)))
 
     def with_frac(self, frac: int) -> "ActFormat":
         return replace(self, frac=int(frac))
 
+    def with_scale_of(self, other: "ActFormat") -> "ActFormat":
+        """This format at ``other``'s scale and zero point (a sibling taking its master's)."""
+        return replace(self, frac=int(other.frac), mant=int(other.mant), zp=int(other.zp))
+
     def describe(self) -> str:
         r = self.range
-        return f"{'s' if self.signed else 'u'}{self.bits} f={self.frac} [{r.lo},{r.hi}]"
+        scale = f"f={self.frac}" if self.mant == 1 else f"s={self.mant}*2^-{self.frac}"
+        zp = f" zp={self.zp}" if self.zp else ""
+        return f"{'s' if self.signed else 'u'}{self.bits} {scale}{zp} [{r.lo},{r.hi}]"
 
 
 class _SymmetricCodes:
@@ -70,12 +85,19 @@ class _SymmetricCodes:
     def frac_array(self) -> np.ndarray:
         return np.asarray(self.frac, dtype=np.int64)
 
+    @property
+    def mant_array(self) -> np.ndarray:
+        mant = getattr(self, "mant", None)
+        return np.ones(len(self.frac), np.int64) if mant is None else np.asarray(mant, dtype=np.int64)
+
 
 @dataclass(frozen=True)
 class WeightFormat(_SymmetricCodes):
-    """Signed symmetric weight codes with one fractional length per output channel."""
+    """Signed symmetric weight codes with one step per output channel: 2**-frac, or on dyadic targets
+    mant * 2**-frac."""
     frac: tuple[int, ...]
     bits: int
+    mant: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

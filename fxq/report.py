@@ -105,7 +105,11 @@ def _weights_text(g: Graph, n: Node) -> str:
         codes = "tern" if a["w_bits"] == 2 else f"i{a['w_bits']}"
         return f"{codes} N={a['cluster_size']} x u{a['alpha_bits']} f={_frac_range(a['w_frac'])}"
     f = a.get("w_frac")
-    return "-" if f is None else f"i{a['w_bits']} f={_frac_range(f)}"
+    if f is None:
+        return "-"
+    if "w_mant" in a:
+        return f"i{a['w_bits']} s={_frac_range(a['w_mant'])}*2^-{_frac_range(f)}"
+    return f"i{a['w_bits']} f={_frac_range(f)}"
 
 
 def multiplications(n: Node) -> tuple[int, int]:
@@ -123,9 +127,21 @@ def multiplications(n: Node) -> tuple[int, int]:
     return outputs * per_output, outputs * n.consts["alpha"].shape[1]
 
 
+def _range_text(v) -> str:
+    v = np.atleast_1d(np.asarray(v))
+    return f"{v.min()}" + (f"..{v.max()}" if v.min() != v.max() else "")
+
+
 def _shift_text(n: Node) -> str:
-    s = np.atleast_1d(np.asarray(n.attrs.get("shift", 0)))
-    return f">>{s.min()}" + (f"..{s.max()}" if s.min() != s.max() else "")
+    a = n.attrs
+    mult = a.get("multiplier", a.get("multipliers"))
+    return ("" if mult is None else f"x{_range_text(mult)} ") + f">>{_range_text(a.get('shift', 0))}"
+
+
+def _activation_text(n: Node) -> str:
+    t = n.out
+    scale = f"f={t.frac}" if not t.dyadic else f"s={t.mant}*2^-{t.frac}" + (f" zp={t.zp}" if t.zp else "")
+    return f"{t.dtype} {scale} [{t.lo},{t.hi}]"
 
 
 def _producer(g: Graph, n: Node) -> str:
@@ -153,20 +169,21 @@ def build_report(qm, x: torch.Tensor | None) -> Report:
             macs, left = multiplications(acc)
             replaced = f"{100.0 * (macs - left) / macs:.1f}%"
         rows.append({"layer": n.name, "op": _producer(g, n), "weights": _weights_text(g, n),
-                     "activation": f"{n.out.dtype} f={n.out.frac} [{n.out.lo},{n.out.hi}]",
+                     "activation": _activation_text(n),
                      "shift": _shift_text(n) if "shift" in n.attrs else "-", "mult->acc": replaced,
                      "float": "-", "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
     weighted = [n for n in g.nodes if n.op in WEIGHTED_OPS]
     counts = [multiplications(n) for n in weighted]
     macs, left = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    rescales = sum(n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT) for n in g.nodes)
+    rescaling = [n for n in g.nodes if n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT)]
+    multiplied = sum("multiplier" in n.attrs or "multipliers" in n.attrs for n in rescaling)
     summary = {
         "target": g.target.get("name") if g.target else "?",
         "layers with weights": len(weighted),
         "weight bits": sorted({n.attrs["w_bits"] for n in weighted}),
         "MACs per sample": macs,
         "multiplications replaced by accumulations": f"{macs - left} of {macs} ({100.0 * (macs - left) / max(macs, 1):.1f}%)",
-        "rescales (all shifts, no multipliers)": rescales,
+        "rescales": f"{len(rescaling)}: {len(rescaling) - multiplied} shift only, {multiplied} integer multiply + shift",
         "float islands": 0,
         "output SQNR dB": f"{sqnr['output']:.1f}" if "output" in sqnr else "- (pass x to measure)",
     }

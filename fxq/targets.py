@@ -14,12 +14,17 @@ from .formats import ACC_BITS, DEFAULT_ROUNDING, Rounding
 GRANULARITIES = ("tensor", "channel", "cluster")
 # How a power-of-two step is chosen: by an error search over exponents (RAPQ-style), or from the
 # tensor's standard deviation, f = floor(log2(c / std)) (F8Net).
-SCALE_KINDS = ("pow2", "fixed_point")
-REQUANT_KINDS = ("shift",)       # every rescale is an arithmetic shift
+# Or (int8 target) any scale, rounded to a dyadic number mant * 2**-frac with a short integer mantissa.
+SCALE_KINDS = ("pow2", "fixed_point", "dyadic")
+# "shift": every rescale is an arithmetic shift; "dyadic": an integer multiply, then a shift.
+REQUANT_KINDS = ("shift", "dyadic")
 TERNARY_THRESHOLDS = ("l2", "twn")   # per-cluster L2-optimal threshold, or TWN's 0.7 * mean|w|
 FLOAT_ISLAND_OPS = ("softmax", "gelu", "layer_norm")
 # Fields that only mean something for one granularity: overriding them elsewhere is a mistake.
 CLUSTER_FIELDS = ("cluster_size", "cluster_scale_bits", "ternary_threshold")
+DYADIC_FIELDS = ("scale_mant_bits", "multiplier_bits", "act_range_search", "a_affine")
+# acc * M must stay an exact float64 integer (the fake-quant model and the ONNX export compute it so).
+MAX_MULTIPLIER_BITS = 21
 
 
 class TargetError(ValueError):
@@ -47,6 +52,14 @@ class Target:
     std_coeff_signed: float = 40.0
     std_coeff_unsigned: float = 70.0
     requant: str = "shift"
+    # Dyadic targets (int8): scales are mant * 2**-frac with a mantissa of this many bits ...
+    scale_mant_bits: int = 8
+    # ... and a requant multiplies the accumulator by an integer of this many bits before its shift.
+    multiplier_bits: int = 16
+    # Activations as unsigned codes with a zero point (affine), as torch.ao and ONNX Runtime use.
+    a_affine: bool = False
+    # An affine activation's range: the observed min/max shrunk by each factor, least squared error wins.
+    act_range_search: tuple = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
     rounding: Rounding = DEFAULT_ROUNDING
     acc_bits: int = ACC_BITS
     # Inputs of a residual add or a concat carry one fractional length (master/sibling rule).
@@ -85,6 +98,7 @@ class Target:
             raise TargetError(f"target {self.name!r}: scale_kind={self.scale_kind!r} must be one of {SCALE_KINDS}")
         if self.requant not in REQUANT_KINDS:
             raise TargetError(f"target {self.name!r}: requant={self.requant!r} must be one of {REQUANT_KINDS}")
+        self._check_dyadic()
         try:
             object.__setattr__(self, "rounding", Rounding(self.rounding))
         except ValueError:
@@ -106,6 +120,30 @@ class Target:
             raise TargetError(f"target {self.name!r}: float_islands has unknown ops {sorted(bad)}; "
                               f"known: {FLOAT_ISLAND_OPS}")
         object.__setattr__(self, "float_islands", frozenset(self.float_islands))
+
+    def _check_dyadic(self) -> None:
+        dyadic_scale, dyadic_requant = self.scale_kind == "dyadic", self.requant == "dyadic"
+        if dyadic_scale != dyadic_requant:
+            raise TargetError(f"target {self.name!r}: scale_kind={self.scale_kind!r} with requant={self.requant!r}; "
+                              f"dyadic scales need requant='dyadic' (a shift cannot rescale by a mantissa) and "
+                              f"power-of-two scales rescale exactly by shifts, so set both to 'dyadic' or neither")
+        if self.a_affine and not dyadic_scale:
+            raise TargetError(f"target {self.name!r}: a_affine=True needs scale_kind='dyadic' (zero points come with "
+                              f"the int8 target's affine scales)")
+        if dyadic_scale and self.w_granularity == "cluster":
+            raise TargetError(f"target {self.name!r}: w_granularity='cluster' with scale_kind='dyadic'; cluster "
+                              f"scales are fixed-point codes, use scale_kind='pow2'")
+        if not isinstance(self.scale_mant_bits, int) or not 1 <= self.scale_mant_bits <= 12:
+            raise TargetError(f"target {self.name!r}: scale_mant_bits={self.scale_mant_bits!r} must be an integer "
+                              f"in 1..12")
+        if not isinstance(self.multiplier_bits, int) or not 2 <= self.multiplier_bits <= MAX_MULTIPLIER_BITS:
+            raise TargetError(f"target {self.name!r}: multiplier_bits={self.multiplier_bits!r} must be an integer in "
+                              f"2..{MAX_MULTIPLIER_BITS} (accumulator x multiplier must stay exact in float64)")
+        shrink = tuple(self.act_range_search)
+        if not shrink or not all(isinstance(k, (int, float)) and 0 < k <= 1 for k in shrink):
+            raise TargetError(f"target {self.name!r}: act_range_search={self.act_range_search!r} must be a non-empty "
+                              f"sequence of factors in (0, 1]")
+        object.__setattr__(self, "act_range_search", tuple(float(k) for k in shrink))
 
     @property
     def weight_code_bits(self) -> int:
@@ -136,6 +174,10 @@ class Target:
             raise TargetError(f"target {new.name!r}: {stray[0]} applies only to w_granularity='cluster', and this "
                               f"target's weights are per {new.w_granularity}; use target='dfp-cluster' or also "
                               f"set w_granularity='cluster'")
+        stray = [f for f in DYADIC_FIELDS if f in overrides and new.scale_kind != "dyadic"]
+        if stray:
+            raise TargetError(f"target {new.name!r}: {stray[0]} applies only to scale_kind='dyadic', and this "
+                              f"target's scales are {new.scale_kind}; use target='int8'")
         return new
 
     def weights_text(self) -> str:
@@ -146,8 +188,12 @@ class Target:
         return f"{codes}, cluster {n}, u{self.cluster_scale_bits} scale"
 
     def as_row(self) -> dict:
+        dyadic = self.scale_kind == "dyadic"
         return {"name": self.name, "w_bits": self.w_bits, "a_bits": self.a_bits,
-                "weights": self.weights_text(), "scale": self.scale_kind, "requant": self.requant,
+                "weights": self.weights_text(),
+                "activations": "affine (zero point)" if self.a_affine else "symmetric",
+                "scale": f"dyadic m{self.scale_mant_bits}" if dyadic else self.scale_kind,
+                "requant": f"x M{self.multiplier_bits}, shift" if dyadic else self.requant,
                 "rounding": self.rounding.value, "acc": self.acc_bits,
                 "first/last layers": f"w{self.edge_w_bits} per channel" if self.edge_w_bits else "same",
                 "shared residual scales": self.share_residual_scales,
@@ -192,4 +238,9 @@ register_target(Target(
     name="dfp-cluster",
     description="dynamic fixed point, filter clusters: ternary (w_bits=2) or 4-bit codes, one u8 scale per cluster",
     w_bits=2, w_granularity="cluster", cluster_size=4, edge_w_bits=8,
+))
+register_target(Target(
+    name="int8",
+    description="per-channel int8 weights, affine u8 activations, integer-multiplier + shift requant (torch.ao/ORT-like)",
+    w_granularity="channel", scale_kind="dyadic", requant="dyadic", a_affine=True, share_residual_scales=False,
 ))

@@ -3,17 +3,20 @@
 Every fractional length is an integer (so every scale is an exact power of two), every rescale is a
 shift equal to the difference of fractional lengths, no int32 accumulator can overflow for any input
 codes in the declared ranges, and float values exist only at the graph's quantize and dequantize.
+On the int8 target scales are dyadic (mant * 2**-frac) and a rescale is an integer multiplier M and a
+shift n: M is then the nearest integer to the true ratio of steps times 2**n, and acc * M stays exact.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .errors import VerifyError
-from .formats import ACC_RANGE, DTYPE_RANGES, FRAC_LIMITS, int_range
+from .formats import ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, int_range
 from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
 
 NARROW = ("int8", "uint8", "int16", "uint16")
 MAX_SHIFT = 31
+MAX_DYADIC_SHIFT = 62          # acc * M >> n with n < 64 on int64
 
 
 class _Check:
@@ -38,7 +41,11 @@ def _check_type(chk: _Check, t: TensorType, what: str) -> None:
         chk(isinstance(f, (int, np.integer)) and not isinstance(f, bool),
             f"{what} fractional length {f!r} is not an integer, so its scale is not a power of two")
         chk(FRAC_LIMITS[0] <= f <= FRAC_LIMITS[1], f"{what} fractional length {f} outside {FRAC_LIMITS}")
+    mant = np.atleast_1d(np.asarray(t.mant))
+    chk(np.issubdtype(mant.dtype, np.integer) and bool(np.all(mant >= 1)),
+        f"{what} scale mantissa {mant.tolist()} must be positive integers")
     r = DTYPE_RANGES[t.dtype]
+    chk(isinstance(t.zp, (int, np.integer)) and r.lo <= t.zp <= r.hi, f"{what} zero point {t.zp!r} outside {t.dtype}")
     chk(t.lo is not None and t.hi is not None and r.lo <= t.lo <= t.hi <= r.hi,
         f"{what} code range [{t.lo}, {t.hi}] is not inside {t.dtype} [{r.lo}, {r.hi}]")
 
@@ -50,6 +57,25 @@ def _shift_ok(chk: _Check, shift, expected) -> None:
         f"shift has {shift.size} entries, expected {expected.size}")
     chk(bool(np.all(shift == expected)), f"shift {shift.tolist()} != frac_in - frac_out {expected.tolist()}")
     chk(bool(np.all(np.abs(shift) <= MAX_SHIFT)), f"shift {shift.tolist()} outside [-{MAX_SHIFT}, {MAX_SHIFT}]")
+
+
+def _multiplier_ok(chk: _Check, multiplier, shift, ratio, magnitude: int) -> None:
+    """M * 2**-n approximates the ratio of steps to the nearest integer M, and acc * M is exact in float64."""
+    m, n = np.atleast_1d(np.asarray(multiplier)), np.atleast_1d(np.asarray(shift))
+    ratio = np.atleast_1d(np.asarray(ratio, np.float64))
+    chk(np.issubdtype(m.dtype, np.integer) and np.issubdtype(n.dtype, np.integer), "multiplier and shift must be integers")
+    chk(m.size in (1, ratio.size) and n.size in (1, ratio.size), f"multiplier/shift have {m.size}/{n.size} entries, "
+                                                                  f"expected {ratio.size}")
+    chk(bool(np.all((n >= 0) & (n <= MAX_DYADIC_SHIFT))), f"shift {n.tolist()} outside [0, {MAX_DYADIC_SHIFT}]")
+    err = np.abs(m - ratio * np.exp2(n.astype(np.float64)))
+    chk(bool(np.all(err <= 0.5 + 1e-9 * m)), f"multiplier {m.tolist()} x 2^-{n.tolist()} is not the nearest dyadic "
+                                               f"to the ratio of steps {ratio.tolist()}")
+    chk(int(m.max()) * magnitude < 2**FP64_EXACT_BITS, f"accumulator x multiplier can reach 2^53 ({magnitude} x {m.max()})")
+
+
+def _same_step(chk: _Check, t: TensorType, out: TensorType) -> None:
+    chk(bool(np.all(t.mant_array == out.mant_array)), f"mantissas {t.mant} -> {out.mant} differ, which a shift cannot "
+                                                      f"rescale (a multiplier is needed)")
 
 
 def _acc_fits(chk: _Check, bound, declared: TensorType, what: str) -> None:
@@ -86,6 +112,9 @@ def _weighted(chk: _Check, n: Node, x: TensorType) -> None:
     chk(n.out.dtype == "int32", "accumulator output must be int32")
     expected = tuple(int(x.frac) + int(f) for f in n.attrs["w_frac"])
     chk(tuple(_fracs(n.out)) == expected, f"accumulator frac {_fracs(n.out)} != f_x + f_w {list(expected)}")
+    w_mant = np.asarray(n.attrs.get("w_mant", 1), np.int64)
+    chk(bool(np.all(n.out.mant_array == w_mant * int(x.mant))), "accumulator mantissa != input mantissa x weight mantissa")
+    chk(n.attrs.get("x_zp", 0) == x.zp, f"x_zp {n.attrs.get('x_zp', 0)} != the input's zero point {x.zp}")
     in_ch = x.shape[1]
     if n.op in CONV_OPS:
         g = n.attrs["groups"]
@@ -109,23 +138,42 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
         _weighted(chk, n, ins[0])
     elif op is Op.REQUANT:
         chk(ins[0].dtype == "int32", "requant takes an int32 accumulator")
+        if "multiplier" in a:
+            _multiplier_ok(chk, a["multiplier"], a["shift"], ins[0].step / n.out.step, ins[0].max_abs)
+            return
+        _same_step(chk, ins[0], n.out)
         _shift_ok(chk, a["shift"], ins[0].frac_array - int(n.out.frac))
         left = -np.minimum(np.asarray(a["shift"]), 0)
         _acc_fits(chk, ins[0].max_abs * (2 ** np.max(left)), None, "a left-shifted accumulator")
     elif op is Op.ADD_INT:
         chk(len(ins) == 2 and all(t.dtype in NARROW for t in ins), "add_int takes two narrow code tensors")
+        if "multipliers" in a:
+            chk(tuple(a["in_zp"]) == tuple(t.zp for t in ins), f"in_zp {a['in_zp']} != the inputs' zero points")
+            for t, m in zip(ins, a["multipliers"]):
+                _multiplier_ok(chk, m, a["shift"], t.step / n.out.step, 2 * t.max_abs)
+            _acc_fits(chk, sum(t.max_abs * m for t, m in zip(ins, a["multipliers"])), None, "the scaled sum")
+            return
+        for t in ins:
+            _same_step(chk, t, n.out)
         common = max(int(t.frac) for t in ins)
         chk(tuple(a["align"]) == tuple(common - int(t.frac) for t in ins), f"align shifts {a['align']} do not reach frac {common}")
         _shift_ok(chk, a["shift"], common - int(n.out.frac))
         _acc_fits(chk, sum(t.max_abs << s for t, s in zip(ins, a["align"])), None, "the aligned sum")
     elif op is Op.AVGPOOL_INT:
         chk(ins[0].dtype in NARROW, "avgpool_int takes narrow codes")
+        window = a["kernel"][0] * a["kernel"][1] * ins[0].max_abs
+        _acc_fits(chk, window, None, "the window sum")
+        chk(a.get("x_zp", 0) == ins[0].zp, f"x_zp {a.get('x_zp', 0)} != the input's zero point {ins[0].zp}")
+        if "multiplier" in a:
+            ratio = ins[0].step * 2.0 ** -int(a["divisor_log2"]) / n.out.step
+            _multiplier_ok(chk, a["multiplier"], a["shift"], ratio, window)
+            return
+        _same_step(chk, ins[0], n.out)
         _shift_ok(chk, a["shift"], int(ins[0].frac) + int(a["divisor_log2"]) - int(n.out.frac))
-        _acc_fits(chk, a["kernel"][0] * a["kernel"][1] * ins[0].max_abs, None, "the window sum")
     elif op in (Op.MAXPOOL_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.CONCAT_INT):
         for t in ins:
-            chk(t.dtype == n.out.dtype and t.frac == n.out.frac,
-                f"input {t.short()} and output {n.out.short()} must share dtype and frac")
+            chk(t.dtype == n.out.dtype and t.frac == n.out.frac and t.mant == n.out.mant and t.zp == n.out.zp,
+                f"input {t.short()} and output {n.out.short()} must share dtype, scale and zero point")
         if op is Op.CLAMP_INT:
             chk(n.out.lo == a["lo"] and n.out.hi == a["hi"], "clamp bounds differ from the output range")
     else:

@@ -4,14 +4,17 @@ Activations: per tensor, unsigned where the value is non-negative by constructio
 and the target allows it. The power-of-two step comes either from an error search (``scale_kind``
 "pow2": the no-clip fractional length or one of ``exp_search_radius`` finer ones, least squared error
 on the observed sample) or from the tensor's spread (``scale_kind`` "fixed_point", F8Net:
-f = floor(log2(c / std)), std before a fused ReLU, c from the target).
+f = floor(log2(c / std)), std before a fused ReLU, c from the target). On dyadic targets (int8)
+activations are affine unsigned codes: zero point and a dyadic step from the observed range, shrunk by
+the factor with the least squared error; weights take max|w| / 127 per channel, rounded to a dyadic step.
 Weights: the same rule per output channel or per tensor; with ``w_granularity`` "cluster" the weights
 become codes times one fixed-point scale per cluster of input channels (fxq.clusters), and the format
 records the scales' fractional length per filter.
 
 Reads: ``meta[OBSERVER]``, ``meta[ROLE]``, ``meta[KIND]``, the layers' weights, ``ctx.target``.
 Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat or
-ClusterFormat) on conv/linear. Raises CalibrationError naming a qpoint that calibration never reached.
+ClusterFormat) on conv/linear, with the weight step widened where a bias code would not fit the
+accumulator (channels whose weights vanish after BN folding). Raises CalibrationError naming a qpoint that calibration never reached.
 """
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ from fxq import meta
 from fxq.clusters import choose_cluster_frac
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import int_range, search_frac, std_frac
+from fxq.formats import bias_frac_cap, dyadic, int_range, search_affine, search_frac, std_frac
 from fxq.qtypes import ActFormat, ClusterFormat, WeightFormat
 from fxq.targets import Target
-from fxq.walk import is_nonnegative, weighted_layers
+from fxq.walk import format_source, is_nonnegative, weighted_layers
 
 
 def activation_format(node: fx.Node, target) -> ActFormat:
@@ -38,8 +41,16 @@ def activation_format(node: fx.Node, target) -> ActFormat:
         clamp = (0.0, float("inf"))
     elif kind == "clamp":
         clamp = (float(node.args[1]), float(node.args[2]))
-    signed = not (target.unsigned_after_relu and is_nonnegative(node))
+    signed = not (target.a_affine or target.unsigned_after_relu and is_nonnegative(node))
     return ActFormat(frac=0, bits=target.a_bits, signed=signed, clamp=clamp)
+
+
+def _activation_scale(obs, fmt: ActFormat, t: Target) -> ActFormat:
+    if t.a_affine:
+        sample = np.clip(obs.sample(), *fmt.clamp)
+        mant, frac, zp = search_affine(sample, fmt.bits, t.scale_mant_bits, t.act_range_search, t.rounding)
+        return replace(fmt, frac=frac, mant=mant, zp=zp)
+    return fmt.with_frac(_activation_frac(obs, fmt, t))
 
 
 def _activation_frac(obs, fmt: ActFormat, t: Target) -> int:
@@ -60,6 +71,10 @@ def weight_format(w: np.ndarray, t: Target):
         return replace(fmt, frac=tuple(int(f) for f in choose_cluster_frac(w, fmt)))
     rows = w.reshape(w.shape[0], -1) if t.w_granularity == "channel" else w.reshape(1, -1)
     rng = WeightFormat((0,), t.w_bits).range
+    if t.scale_kind == "dyadic":
+        mant, frac = dyadic(np.abs(rows).max(axis=1) / rng.hi, t.scale_mant_bits)
+        mant, frac = (np.broadcast_to(v, (w.shape[0],)) for v in (mant, frac))
+        return WeightFormat(tuple(int(f) for f in frac), t.w_bits, tuple(int(m) for m in mant))
     if t.scale_kind == "fixed_point":
         frac = std_frac(rows.std(axis=1), t.std_coeff_signed, t.w_bits)
     else:
@@ -77,10 +92,26 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if not obs.seen:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
         fmt = activation_format(node, t)
-        node.meta[meta.ACT_FMT] = fmt.with_frac(_activation_frac(obs, fmt, t))
+        node.meta[meta.ACT_FMT] = _activation_scale(obs, fmt, t)
     layers = list(weighted_layers(gm))
     edge_target = None if t.edge_w_bits is None else replace(t, w_bits=t.edge_w_bits, w_granularity="channel")
     for i, (node, module) in enumerate(layers):
         edge = edge_target is not None and i in (0, len(layers) - 1)
-        node.meta[meta.W_FMT] = weight_format(module.weight.detach().double().numpy(), edge_target if edge else t)
+        fmt = weight_format(module.weight.detach().double().numpy(), edge_target if edge else t)
+        node.meta[meta.W_FMT] = _fit_bias(node, module, fmt, t, ctx)
     return gm
+
+
+def _fit_bias(node: fx.Node, module, fmt, t: Target, ctx: CompileContext):
+    """Widen the weight step of channels whose bias code would not fit the accumulator (share_scales
+    only ever widens the input step, which shrinks bias codes further)."""
+    if module.bias is None:
+        return fmt
+    in_fmt = format_source(node.args[0]).meta[meta.ACT_FMT]
+    cap = bias_frac_cap(module.bias.detach().double().numpy(), in_fmt.step, fmt.mant_array, t.acc_bits)
+    frac = fmt.frac_array
+    if np.all(frac <= cap):
+        return fmt
+    ctx.note(f"{node.name}: {int((frac > cap).sum())} output channel(s) with near-zero weights and a large bias got "
+             f"a coarser weight step, so the bias fits the {t.acc_bits}-bit accumulator")
+    return replace(fmt, frac=tuple(int(f) for f in np.minimum(frac, cap)))

@@ -1,9 +1,9 @@
 """share_scales: inputs of a residual add or a concat carry one fractional length.
 
 Groups are built with union-find over the qpoints that feed each add and concat (through pass-through
-ops). In each group the master is the member with the widest range (smallest fractional length); its
-siblings take the master's fractional length, so no member clips more than it did alone and the add
-aligns without shifts. A concat's members also take one signedness (signed if any is), because
+ops). In each group the master is the member with the widest range (the largest step: the smallest
+fractional length); its siblings take the master's step (and, on affine targets, its zero point), so no
+member clips more than it did alone and the add aligns without shifts. A concat's members also take one signedness (signed if any is), because
 the concatenated codes share one dtype.
 
 Reads: ``meta[ACT_FMT]``, ``meta[KIND]``, ``meta[ROLE]``, ``ctx.target.share_residual_scales``.
@@ -56,10 +56,10 @@ def share_scales(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         members.sort(key=lambda n: list(nodes).index(n))
         fmts = {m: nodes[m].meta[meta.ACT_FMT] for m in members}
-        master = min(members, key=lambda m: fmts[m].frac)
+        master = max(members, key=lambda m: fmts[m].step)
         signed = any(f.signed for f in fmts.values()) if root in cat_roots else None
         for m in members:
-            fmt = fmts[m].with_frac(fmts[master].frac)
+            fmt = fmts[m].with_scale_of(fmts[master])
             if signed is not None:
                 fmt = replace(fmt, signed=signed)
             nodes[m].meta[meta.ACT_FMT] = fmt

@@ -1,4 +1,4 @@
-"""The built-in targets (fixed-point8, dfp-cluster) on every tiny model: exact, and doing what they claim."""
+"""The built-in targets (fixed-point8, dfp-cluster, int8) on every tiny model: exact, and doing what they claim."""
 import math
 
 import numpy as np
@@ -26,6 +26,9 @@ CONFIGS = {
     "ternary-per-filter": ("dfp-cluster", {"cluster_size": 0}),
     "ternary-twn": ("dfp-cluster", {"ternary_threshold": "twn"}),
     "shift-int-w12": ("shift-int", {"w_bits": 12}),       # accumulators past 2**24: sliced ONNX sums
+    "int8": ("int8", {}),
+    "int8-per-tensor-wide-multipliers": ("int8", {"w_granularity": "tensor", "multiplier_bits": 21,
+                                                  "scale_mant_bits": 12}),
 }
 
 
@@ -162,3 +165,18 @@ def test_report_plot_writes_a_png(tmp_path):
     assert (tmp_path / "sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="qm.report"):
         qm.report().plot(tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("target", ["shift-int", "fixed-point8", "int8", "dfp-cluster"])
+def test_dead_channel_with_a_large_bias_fits_the_accumulator(target):
+    """A BN with gamma ~ 0 folds into near-zero weights and a large bias (EfficientNet-Lite1's stem has
+    such channels): the weight step must widen so the bias code fits int32, not saturate or fail."""
+    model = tiny("residual")
+    bn = model.stem[1]
+    bn.weight.data[:3] = 1e-9
+    bn.bias.data[:3] = 4.0
+    qm = fxq.compile(model, X, target=target, progress=False)
+    assert any("coarser weight step" in n for n in qm.notes)
+    assert_three_executors(qm, X)
+    folded = qm.fake.get_submodule("stem.0").qbias().detach()[:3]
+    assert torch.allclose(folded, torch.full((3,), 4.0, dtype=folded.dtype), rtol=1e-3)
