@@ -53,7 +53,8 @@ class FakeQuant(nn.Module):
 
     def forward(self, x):
         if not self.enabled:
-            return x
+            # a dyadic requant stands in for the fused ReLU/clamp it follows: keep that activation in float
+            return x if self.requant is None else torch.clamp(x, *self.fmt.clamp)
         f = self.fmt
         if self.requant is not None:
             r = f.range

@@ -145,3 +145,18 @@ def test_int8_quantize_matches_quantize_np():
     v = np.array([-1.0, -0.37, 0.0, 0.5, 2.0])
     codes = quantize_np(v, 10, int_range(8, False), Rounding.HALF_EVEN, mant=181, zp=100)
     assert codes.tolist() == np.clip(np.rint(v * 1024 / 181) + 100, 0, 255).astype(int).tolist()
+
+
+def test_int8_float_mode_keeps_the_fused_activations(residual_int8):
+    """With quantization off, the fake-quant graph is the float model (the report's reference and the
+    calibration passes rely on it), although dyadic FakeQuants replace the fused ReLUs."""
+    from fxq.fakequant import set_quantization
+    model = tiny("residual")
+    set_quantization(residual_int8.fake, False)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(residual_int8.fake(X), model(X), atol=1e-4)
+    finally:
+        set_quantization(residual_int8.fake, True)
+    sqnr = [float(r["SQNR dB"]) for r in residual_int8.report(X).rows]
+    assert min(sqnr) > 20

@@ -36,6 +36,7 @@ FXQ_CONFIGS = [
     ("fxq shift-int (calibrated)", "shift-int", "W8A8", {}),
     ("fxq shift-int (data-free, BN statistics)", "shift-int", "W8A8", None),
     ("fxq fixed-point8 (F8Net std rule)", "fixed-point8", "W8A8", {}),
+    ("fxq int8 (affine, integer multiplier + shift)", "int8", "W8A8", {}),
     ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
     ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
 ]
