@@ -29,8 +29,11 @@ demo: $(STAMP)
 fashion-mnist:
 	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-bench: $(STAMP) fashion-mnist
+# Fashion-MNIST zoo (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py);
+# each writes docs/ and its README block.
+bench: $(STAMP) fashion-mnist photos
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench_efficientnet.py
 
 # Real photographs for scoring EfficientNet-Lite1: Debian wallpaper/sample packages fetched with
 # `apt-get download` (no root needed; `apt-get update` only if the lists are missing), ~126 MB.

@@ -141,10 +141,16 @@ def _sklearn_dir() -> Path:
     return Path(sklearn.datasets.__file__).resolve().parent / "images"
 
 
-def photo_sources() -> list[tuple[str, Path]]:
-    """(name, file) of every photo, in a fixed order; raises if any file is missing."""
+def pip_photo_sources() -> list[tuple[str, Path]]:
+    """(name, file) of the photos bundled in scikit-image and scikit-learn (no fetch step needed)."""
     out = [(f"skimage/{f}", _skimage_dir() / f) for f in SKIMAGE_PHOTOS]
     out += [(f"sklearn/{f}", _sklearn_dir() / f) for f in SKLEARN_PHOTOS]
+    return out
+
+
+def photo_sources() -> list[tuple[str, Path]]:
+    """(name, file) of every photo, in a fixed order; raises if any file is missing."""
+    out = pip_photo_sources()
     for package, (_, files) in DEBIAN_PHOTOS.items():
         out += [(f"{package}/{rel}", debian_photo_path(package, rel)) for rel in files]
     missing = [str(p) for _, p in out if not p.is_file()]
@@ -268,6 +274,31 @@ def photo_crops(split: str, size: int = efficientnet_lite.INPUT_SIZE) -> tuple[t
     crops, names = photo_crops_uint8(split, size)
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
     return efficientnet_lite.normalize(x), names
+
+
+def pip_photo_crops(split: str, size: int = efficientnet_lite.INPUT_SIZE,
+                    limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Like ``photo_crops``, but only from the scikit-image/scikit-learn photos, which the pip install
+    provides (no ``make photos``, no cache file written): for tests on a fresh machine. Same split rule
+    and crops as the full set (2 calibration and 6 evaluation photos, 8 crops each); ``limit`` keeps
+    the first N crops and decodes only the photos they need.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    crops, names = [], []
+    for name, file in pip_photo_sources():
+        if split_of(name) != split:
+            continue
+        if limit is not None and len(names) >= limit:
+            break
+        if not file.is_file():
+            raise PhotosMissing(f"{file} is missing from the installed scikit-image/scikit-learn")
+        c, _ = _crops_of(name, file, size)
+        crops.append(c)
+        names += [name] * len(c)
+    arr = np.concatenate(crops)[:limit]
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    return efficientnet_lite.normalize(x), names[:limit]
 
 
 def summary(size: int = efficientnet_lite.INPUT_SIZE) -> dict[str, dict[str, int]]:

