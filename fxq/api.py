@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import CompileContext
+from .context import BIAS_CORRECTION_MODES, CompileContext
 from .errors import CalibrationError, InputError, LoadError
 from .formats import codes_of
 from .ir import Graph
@@ -44,17 +44,27 @@ def _as_batches(calib_data, batch_size: int) -> list[torch.Tensor] | None:
 def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int", *,
             example_input: torch.Tensor | None = None, input_shape: tuple | None = None,
             input_range: tuple[float, float] | None = None, progress: bool = True, seed: int = 0,
-            calib_batch_size: int = 64, **overrides) -> "QuantizedModel":
+            calib_batch_size: int = 64, bias_correction: str | bool | None = "weights",
+            bias_correction_samples: int = 128,
+            **overrides) -> "QuantizedModel":
     """Quantize ``model`` for ``target``; returns a QuantizedModel (fake-quant, IR, backends).
 
     ``calib_data``: a DataLoader, a list of batches, or a tensor of samples; None derives activation
     formats from the folded BatchNorm statistics (then give ``example_input`` or ``input_shape``,
     and preferably ``input_range``). ``overrides`` replace target fields (``w_bits=4`` ...).
+    ``bias_correction``: once formats are fixed, cancel each conv/linear's mean output error on
+    ``bias_correction_samples`` calibration samples (0: all): "weights" (its own rounding error),
+    "empirical" (also the error from upstream), or None/False; it needs calibration data.
     """
     from .passes import PIPELINE
     from .passes.calibrate import check_batches
 
     tgt = get_target(target, **overrides)
+    bias_correction = _bias_correction_mode(bias_correction)
+    if not isinstance(bias_correction_samples, int) or isinstance(bias_correction_samples, bool) \
+            or bias_correction_samples < 0:
+        raise CalibrationError(f"bias_correction_samples={bias_correction_samples!r} must be an integer >= 0 "
+                               f"(0: every calibration sample)")
     batches = _as_batches(calib_data, calib_batch_size)
     if example_input is None:
         if batches:
@@ -69,7 +79,8 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     batches = check_batches(batches, example_input)
     was_training = model.training
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
-    ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed)
+    ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed,
+                         bias_correction=bias_correction, bias_correction_samples=bias_correction_samples)
     if was_training:
         msg = ("the model was in training mode; fxq compiled its eval-mode behaviour (BatchNorm running "
                "statistics, Dropout off). Call model.eval() first to silence this.")
@@ -78,6 +89,17 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     gm = run_passes(trace(model), ctx, PIPELINE)
     ir = lower(gm, tgt)
     return QuantizedModel(ir, gm, tgt, ctx.notes, reference=model)
+
+
+def _bias_correction_mode(mode) -> str | None:
+    if mode is None or mode is False:
+        return None
+    if mode is True:
+        return BIAS_CORRECTION_MODES[0]
+    if mode not in BIAS_CORRECTION_MODES:
+        raise CalibrationError(f"bias_correction={mode!r} must be one of {BIAS_CORRECTION_MODES}, True "
+                               f"(= {BIAS_CORRECTION_MODES[0]!r}) or None/False (off)")
+    return mode
 
 
 class QuantizedModel:

@@ -39,6 +39,10 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
     return out
 
 
+def _bc(choice: str):
+    return None if choice == "off" else choice
+
+
 def _fmnist_split(calib: int, seed: int):
     """Calibration images from the training set and the full test set; or the bundled 500-image subset."""
     from fxq import data
@@ -103,8 +107,11 @@ def demo(model_name, target, calib, seed, quiet):
 @click.option("--input-shape", help="Data-free: input shape, e.g. 1,1,28,28.")
 @click.option("--input-range", help="Data-free: input value range, e.g. -0.81,2.02.")
 @click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
+@click.option("--bias-correction", type=click.Choice(["weights", "empirical", "off"]), default="weights",
+              show_default=True, help="Cancel each layer's mean output error on calibration data.")
 @click.option("--quiet", is_flag=True)
-def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides, quiet):
+def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides,
+                bias_correction, quiet):
     """Compile MODEL_SPEC (a zoo name or module:attribute) and save it."""
     from fxq import zoo
     model = _load_model(model_spec)
@@ -123,7 +130,7 @@ def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_s
         data = _fmnist_split(calib, 0)[0]
     else:
         raise click.UsageError("give --calib-npy FILE or --data-free for a model outside the zoo")
-    qm = fxq.compile(model, data, target=target, progress=not quiet, **kwargs)
+    qm = fxq.compile(model, data, target=target, progress=not quiet, bias_correction=_bc(bias_correction), **kwargs)
     qm.save(output)
     click.echo(f"saved {output}: {len(qm.ir.nodes)} IR nodes, target {target}")
     for note in qm.notes:
@@ -154,8 +161,10 @@ def export(path, output):
 @click.option("--calib", default=512, show_default=True, help="Calibration images (zoo models).")
 @click.option("--samples", default=256, show_default=True, help="Held-out images SQNR is measured on.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a per-layer SQNR chart (PNG; needs matplotlib).")
+@click.option("--bias-correction", type=click.Choice(["weights", "empirical", "off"]), default="weights",
+              show_default=True, help="Cancel each layer's mean output error on calibration data.")
 @click.option("--quiet", is_flag=True)
-def report(source, target, overrides, calib, samples, plot, quiet):
+def report(source, target, overrides, calib, samples, plot, bias_correction, quiet):
     """Per-layer formats, shifts, multiplications replaced and SQNR.
 
     SOURCE is a saved .fxq model (formats and shifts only: the float model is not in the file) or a zoo
@@ -164,7 +173,8 @@ def report(source, target, overrides, calib, samples, plot, quiet):
     from fxq import zoo
     if source in zoo.names():
         calib_x, test_x, _, _ = _fmnist_split(calib, 0)
-        qm = fxq.compile(zoo.load(source), calib_x, target=target, progress=not quiet, **_parse_overrides(overrides))
+        qm = fxq.compile(zoo.load(source), calib_x, target=target, progress=not quiet,
+                         bias_correction=_bc(bias_correction), **_parse_overrides(overrides))
         rep = qm.report(test_x[:samples])
     elif Path(source).is_file():
         rep = fxq.load(source).report()

@@ -7,6 +7,9 @@ import torch
 
 from .targets import Target
 
+# What bias_correction measures a layer's error against: its own float weights, or the float model.
+BIAS_CORRECTION_MODES = ("weights", "empirical")
+
 
 @dataclass
 class CompileContext:
@@ -16,6 +19,8 @@ class CompileContext:
     input_range: tuple[float, float] | None = None   # data-free: range of the model's input
     progress: bool = True
     seed: int = 0
+    bias_correction: str | None = "weights"   # one of BIAS_CORRECTION_MODES, or None (passes/bias_correction)
+    bias_correction_samples: int = 128        # calibration samples it runs (0: all)
     notes: list[str] = field(default_factory=list)    # what fxq decided on the user's behalf
 
     def note(self, text: str) -> None:

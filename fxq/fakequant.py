@@ -92,6 +92,9 @@ class _QWeighted(nn.Module):
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone() if layer.bias is not None
                                  else torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+        # The real bias the integer graph rounds; calibration passes (bias_correction) change it while
+        # the float model (quantization off) keeps ``bias``.
+        self.register_buffer("bias_q", self.bias.detach().clone(), persistent=False)
         self.w_fmt = w_fmt
         self.in_frac = int(in_frac)
         self.rounding = Rounding(rounding)
@@ -136,10 +139,11 @@ class _QWeighted(nn.Module):
         """The bias at the accumulator's step (input step x weight step), saturated to int32."""
         if not self.enabled:
             return self.bias
-        frac = (self.w_frac + self.in_frac).to(self.bias.dtype)
+        b = self.bias_q.to(self.bias.dtype)
+        frac = (self.w_frac + self.in_frac).to(b.dtype)
         if self.in_mant == 1 and self.w_fmt.mant_array.max() == 1:
-            return fake_quant(self.bias, frac, ACC_RANGE, self.rounding)
-        return fake_quant(self.bias, frac, ACC_RANGE, self.rounding, mant=(self.w_mant * self.in_mant).to(self.bias.dtype))
+            return fake_quant(b, frac, ACC_RANGE, self.rounding)
+        return fake_quant(b, frac, ACC_RANGE, self.rounding, mant=(self.w_mant * self.in_mant).to(b.dtype))
 
     @property
     def bias_frac(self) -> torch.Tensor:

@@ -149,7 +149,7 @@ class _Lowerer:
             op = Op.CONV2D_INT if is_conv else Op.LINEAR_INT
         b_frac = w_frac + int(xt.frac)
         b_mant = w_mant * int(xt.mant)
-        b_codes = quantize_np(layer.bias.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding, b_mant)
+        b_codes = quantize_np(layer.bias_q.detach().double().numpy(), b_frac, ACC_RANGE, layer.rounding, b_mant)
         consts["b"] = b_codes.astype(np.int32)
         bound = np.abs(w_codes).reshape(w_codes.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
         acc_max = int(min(bound.max(), 2**62))

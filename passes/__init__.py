@@ -9,6 +9,7 @@ from .data_free_stats import data_free_stats
 from .choose_formats import choose_formats
 from .share_scales import share_scales
 from .insert_fake_quant import insert_fake_quant
+from .bias_correction import bias_correction
 
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
 PIPELINE = (
@@ -22,6 +23,7 @@ PIPELINE = (
     choose_formats,
     share_scales,
     insert_fake_quant,
+    bias_correction,
 )
 
 __all__ = [p.__name__ for p in PIPELINE] + ["PIPELINE"]

@@ -32,11 +32,14 @@ from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # (row label, target, bits, overrides; None = data-free). Cluster targets keep 8-bit first/last layers.
+# Calibrated rows use fxq's default bias correction ("weights"); two rows show each target without it.
 FXQ_CONFIGS = [
     ("fxq shift-int (calibrated)", "shift-int", "W8A8", {}),
+    ("fxq shift-int (calibrated, no bias correction)", "shift-int", "W8A8", {"bias_correction": None}),
     ("fxq shift-int (data-free, BN statistics)", "shift-int", "W8A8", None),
     ("fxq fixed-point8 (F8Net std rule)", "fixed-point8", "W8A8", {}),
     ("fxq int8 (affine, integer multiplier + shift)", "int8", "W8A8", {}),
+    ("fxq int8 (no bias correction)", "int8", "W8A8", {"bias_correction": None}),
     ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
     ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
 ]

@@ -34,10 +34,14 @@ from fxq.zoo import efficientnet_lite  # noqa: E402
 from bench import write_readme_block  # noqa: E402
 
 README_BEGIN, README_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
-FXQ_CONFIGS = [  # (label, target, bits, overrides)
+# (label, target, bits, overrides); rows use fxq's default bias correction ("weights") unless they say not.
+FXQ_CONFIGS = [
     ("fxq shift-int", "shift-int", "W8A8", {}),
+    ("fxq shift-int (no bias correction)", "shift-int", "W8A8", {"bias_correction": None}),
+    ("fxq shift-int (empirical bias correction)", "shift-int", "W8A8", {"bias_correction": "empirical"}),
     ("fxq fixed-point8", "fixed-point8", "W8A8", {}),
     ("fxq int8 (dyadic requant)", "int8", "W8A8", {}),
+    ("fxq int8 (dyadic requant, no bias correction)", "int8", "W8A8", {"bias_correction": None}),
     ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
     ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
 ]
