@@ -5,6 +5,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import fxq
+
 from fxq.cli import main
 
 
@@ -81,3 +83,19 @@ def test_bad_override_is_a_usage_error(tmp_path):
 def test_model_outside_zoo_needs_data(tmp_path):
     r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(tmp_path / "m.fxq")])
     assert r.exit_code != 0 and "--calib-npy" in r.output
+
+
+@pytest.mark.parametrize("choice,note", [("weights", "bias correction (weights)"),
+                                         ("empirical", "bias correction (empirical)"), ("off", None)])
+def test_compile_bias_correction_option(tmp_path, choice, note):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    out = tmp_path / "m.fxq"
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
+                                  "--bias-correction", choice, "--quiet"])
+    assert r.exit_code == 0, r.output
+    notes = fxq.load(out).notes
+    assert any(note in n for n in notes) if note else not any("bias correction" in n for n in notes)
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
+                                  "--bias-correction", "sometimes"])
+    assert r.exit_code == 2 and "sometimes" in r.output
