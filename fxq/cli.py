@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import fxq
+from fxq.context import BIAS_CORRECTION_MODES
 from fxq.errors import FxqError
 
 
@@ -37,6 +38,11 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
             raise click.BadParameter(f"override {item!r} must look like name=value (e.g. w_bits=4)")
         out[key] = int(value) if value.lstrip("-").isdigit() else value
     return out
+
+
+_bias_correction_option = click.option(
+    "--bias-correction", type=click.Choice([*BIAS_CORRECTION_MODES, "off"]), default=BIAS_CORRECTION_MODES[0],
+    show_default=True, help="Cancel each layer's mean output error on calibration data.")
 
 
 def _bc(choice: str):
@@ -107,8 +113,7 @@ def demo(model_name, target, calib, seed, quiet):
 @click.option("--input-shape", help="Data-free: input shape, e.g. 1,1,28,28.")
 @click.option("--input-range", help="Data-free: input value range, e.g. -0.81,2.02.")
 @click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
-@click.option("--bias-correction", type=click.Choice(["weights", "empirical", "off"]), default="weights",
-              show_default=True, help="Cancel each layer's mean output error on calibration data.")
+@_bias_correction_option
 @click.option("--quiet", is_flag=True)
 def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides,
                 bias_correction, quiet):
@@ -161,8 +166,7 @@ def export(path, output):
 @click.option("--calib", default=512, show_default=True, help="Calibration images (zoo models).")
 @click.option("--samples", default=256, show_default=True, help="Held-out images SQNR is measured on.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a per-layer SQNR chart (PNG; needs matplotlib).")
-@click.option("--bias-correction", type=click.Choice(["weights", "empirical", "off"]), default="weights",
-              show_default=True, help="Cancel each layer's mean output error on calibration data.")
+@_bias_correction_option
 @click.option("--quiet", is_flag=True)
 def report(source, target, overrides, calib, samples, plot, bias_correction, quiet):
     """Per-layer formats, shifts, multiplications replaced and SQNR.

@@ -199,12 +199,17 @@ def requant_np(acc: np.ndarray, shift, rng: IntRange, mode: Rounding = DEFAULT_R
     return rng.clip_np(shift_round_np(acc, shift, mode))
 
 
+def max_bias_code(acc_bits: int) -> float:
+    """Largest |bias code| fxq allows: half the accumulator's range stays free for the products."""
+    return exp2(acc_bits - 2)
+
+
 def bias_frac_cap(bias: np.ndarray, in_step: float, w_mant: np.ndarray, acc_bits: int) -> np.ndarray:
     """Per output channel, the largest weight frac at which the bias code |b| / (in_step * w_step) stays
-    within 2**(acc_bits - 2), leaving half the accumulator to the products. A channel whose weights
+    within max_bias_code(acc_bits), leaving half the accumulator to the products. A channel whose weights
     vanish (a BN with gamma ~ 0) would otherwise pick a tiny step that no int32 bias can follow."""
     b = np.abs(np.asarray(bias, np.float64))
-    limit = exp2(acc_bits - 2) * in_step * np.asarray(w_mant, np.float64)
+    limit = max_bias_code(acc_bits) * in_step * np.asarray(w_mant, np.float64)
     with np.errstate(divide="ignore"):
         cap = np.where(b > 0, np.floor(np.log2(limit / np.where(b > 0, b, 1.0))), FRAC_LIMITS[1])
     return np.clip(cap, FRAC_LIMITS[0], FRAC_LIMITS[1]).astype(np.int64)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
 from fxq.fakequant import FakeQuant, QAdd, _QWeighted
-from fxq.formats import exp2, step_of
+from fxq.formats import max_bias_code, step_of
 
 _CHUNK = 32          # samples per module call, to bound the temporaries of one node
 
@@ -78,9 +78,9 @@ def _run(node: fx.Node, gm: fx.GraphModule, modules: dict, env: dict, as_float: 
 
 
 def _headroom(layer: _QWeighted, acc_bits: int) -> torch.Tensor:
-    """Largest |bias| per channel whose code leaves half the accumulator to the products."""
+    """Largest |bias| per channel whose code stays within the headroom choose_formats keeps."""
     step = step_of(layer.bias_frac.numpy(), layer.acc_mant)
-    return torch.from_numpy(exp2(acc_bits - 2) * step).to(layer.bias_q.dtype)
+    return torch.from_numpy(max_bias_code(acc_bits) * step).to(layer.bias_q.dtype)
 
 
 def _samples(ctx: CompileContext) -> torch.Tensor:
