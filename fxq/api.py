@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import BIAS_CORRECTION_MODES, CompileContext
+from .context import BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext
 from .errors import CalibrationError, InputError, LoadError
 from .formats import codes_of
 from .ir import Graph
@@ -45,7 +45,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
             example_input: torch.Tensor | None = None, input_shape: tuple | None = None,
             input_range: tuple[float, float] | None = None, progress: bool = True, seed: int = 0,
             calib_batch_size: int = 64, bias_correction: str | bool | None = "weights",
-            bias_correction_samples: int = 128,
+            bias_correction_samples: int = 128, search: str | None = None, search_samples: int = 32,
             **overrides) -> "QuantizedModel":
     """Quantize ``model`` for ``target``; returns a QuantizedModel (fake-quant, IR, backends).
 
@@ -55,6 +55,8 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     ``bias_correction``: once formats are fixed, cancel each conv/linear's mean output error on
     ``bias_correction_samples`` calibration samples (0: all): "weights" (its own rounding error),
     "empirical" (also the error from upstream), or None/False; it needs calibration data.
+    ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
+    (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all).
     """
     from .passes import PIPELINE
     from .passes.calibrate import check_batches
@@ -65,6 +67,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
             or bias_correction_samples < 0:
         raise CalibrationError(f"bias_correction_samples={bias_correction_samples!r} must be an integer >= 0 "
                                f"(0: every calibration sample)")
+    search = _search_mode(search, search_samples, calib_data)
     batches = _as_batches(calib_data, calib_batch_size)
     if example_input is None:
         if batches:
@@ -80,7 +83,8 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     was_training = model.training
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
     ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed,
-                         bias_correction=bias_correction, bias_correction_samples=bias_correction_samples)
+                         bias_correction=bias_correction, bias_correction_samples=bias_correction_samples,
+                         search=search, search_samples=search_samples)
     if was_training:
         msg = ("the model was in training mode; fxq compiled its eval-mode behaviour (BatchNorm running "
                "statistics, Dropout off). Call model.eval() first to silence this.")
@@ -89,6 +93,18 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     gm = run_passes(trace(model), ctx, PIPELINE)
     ir = lower(gm, tgt)
     return QuantizedModel(ir, gm, tgt, ctx.notes, reference=model)
+
+
+def _search_mode(mode, samples, calib_data) -> str | None:
+    if mode is not None and mode not in SEARCH_MODES:
+        raise CalibrationError(f"search={mode!r} must be one of {SEARCH_MODES} or None (choose_formats' "
+                               f"squared-error choice)")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise CalibrationError(f"search_samples={samples!r} must be an integer >= 0 (0: every calibration sample)")
+    if mode is not None and calib_data is None:
+        raise CalibrationError(f"search={mode!r} needs calibration data: its metric is weighted by the task "
+                               f"loss's gradients on real samples")
+    return mode
 
 
 def _bias_correction_mode(mode) -> str | None:

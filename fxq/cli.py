@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import fxq
-from fxq.context import BIAS_CORRECTION_MODES
+from fxq.context import BIAS_CORRECTION_MODES, SEARCH_MODES
 from fxq.errors import FxqError
 
 
@@ -43,6 +43,11 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
 _bias_correction_option = click.option(
     "--bias-correction", type=click.Choice([*BIAS_CORRECTION_MODES, "off"]), default=BIAS_CORRECTION_MODES[0],
     show_default=True, help="Cancel each layer's mean output error on calibration data.")
+
+
+_search_option = click.option(
+    "--search", type=click.Choice([*SEARCH_MODES, "off"]), default="off", show_default=True,
+    help="Re-choose steps by the task-loss-weighted (Hessian-guided) error.")
 
 
 def _bc(choice: str):
@@ -114,9 +119,10 @@ def demo(model_name, target, calib, seed, quiet):
 @click.option("--input-range", help="Data-free: input value range, e.g. -0.81,2.02.")
 @click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
 @_bias_correction_option
+@_search_option
 @click.option("--quiet", is_flag=True)
 def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides,
-                bias_correction, quiet):
+                bias_correction, search, quiet):
     """Compile MODEL_SPEC (a zoo name or module:attribute) and save it."""
     from fxq import zoo
     model = _load_model(model_spec)
@@ -135,7 +141,8 @@ def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_s
         data = _fmnist_split(calib, 0)[0]
     else:
         raise click.UsageError("give --calib-npy FILE or --data-free for a model outside the zoo")
-    qm = fxq.compile(model, data, target=target, progress=not quiet, bias_correction=_bc(bias_correction), **kwargs)
+    qm = fxq.compile(model, data, target=target, progress=not quiet, bias_correction=_bc(bias_correction),
+                     search=_bc(search), **kwargs)
     qm.save(output)
     click.echo(f"saved {output}: {len(qm.ir.nodes)} IR nodes, target {target}")
     for note in qm.notes:

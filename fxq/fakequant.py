@@ -92,8 +92,10 @@ class _QWeighted(nn.Module):
         self.weight = nn.Parameter(layer.weight.detach().clone())
         self.bias = nn.Parameter(layer.bias.detach().clone() if layer.bias is not None
                                  else torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-        # The real bias the integer graph rounds; calibration passes (bias_correction) change it while
-        # the float model (quantization off) keeps ``bias``.
+        # The real weights and bias the integer graph rounds; calibration passes change them (reconstruct
+        # puts learned codes on the grid, bias_correction moves the bias) while the float model
+        # (quantization off) keeps ``weight`` and ``bias``.
+        self.register_buffer("weight_q", self.weight.detach().clone(), persistent=False)
         self.register_buffer("bias_q", self.bias.detach().clone(), persistent=False)
         self.w_fmt = w_fmt
         self.in_frac = int(in_frac)
@@ -113,9 +115,9 @@ class _QWeighted(nn.Module):
 
     def _cluster_cache(self) -> tuple:
         """(key, ClusterCodes, float weights) of the current weights, recomputed only when they change."""
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype)
+        key = (self.weight_q._version, self.weight_q.data_ptr(), self.weight_q.dtype)
         if self._clusters is None or self._clusters[0] != key:
-            cc = quantize_clusters(self.weight.detach().double().cpu().numpy(), self.w_fmt)
+            cc = quantize_clusters(self.weight_q.detach().double().cpu().numpy(), self.w_fmt)
             value = torch.from_numpy(cc.effective() * np.exp2(-cc.frac.astype(np.float64)).reshape(
                 -1, *([1] * (self.weight.dim() - 1))))
             self._clusters = (key, cc, value)
@@ -129,11 +131,21 @@ class _QWeighted(nn.Module):
             return self.weight
         if self.clustered:
             return self._cluster_cache()[2].to(self.weight.dtype)
-        frac = self._per_channel(self.w_frac).to(self.weight.dtype)
+        w = self.weight_q.to(self.weight.dtype)
+        frac = self._per_channel(self.w_frac).to(w.dtype)
         if self.w_fmt.mant_array.max() == 1:
-            return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding)
-        mant = self._per_channel(self.w_mant).to(self.weight.dtype)
-        return fake_quant(self.weight, frac, self.w_fmt.range, self.rounding, mant=mant)
+            return fake_quant(w, frac, self.w_fmt.range, self.rounding)
+        mant = self._per_channel(self.w_mant).to(w.dtype)
+        return fake_quant(w, frac, self.w_fmt.range, self.rounding, mant=mant)
+
+    def set_weight_format(self, fmt: WeightFormat) -> None:
+        """A new weight format (calibration passes choose finer or coarser steps); the bias follows."""
+        self.w_fmt = fmt
+        self.w_frac = torch.tensor(fmt.frac_array, dtype=torch.float64)
+        self.w_mant = torch.from_numpy(fmt.mant_array.astype(np.float64))
+
+    def set_input_format(self, fmt: ActFormat) -> None:
+        self.in_frac, self.in_mant = int(fmt.frac), int(fmt.mant)
 
     def qbias(self) -> torch.Tensor:
         """The bias at the accumulator's step (input step x weight step), saturated to int32."""

@@ -142,7 +142,7 @@ class _Lowerer:
             attrs.update(cluster_size=int(cc.block), alpha_bits=int(layer.w_fmt.scale_bits))
             op = Op.CONV2D_CLUSTER if is_conv else Op.LINEAR_CLUSTER
         else:
-            w = layer.weight.detach().double().numpy()
+            w = layer.weight_q.detach().double().numpy()
             shape = (-1,) + (1,) * (w.ndim - 1)
             w_codes = quantize_np(w, w_frac.reshape(shape), layer.w_fmt.range, layer.rounding, w_mant.reshape(shape))
             consts = {"w": w_codes.astype(storage_dtype(layer.w_fmt.bits, signed=True))}

@@ -68,6 +68,8 @@ class Target:
     unsigned_after_relu: bool = True
     # The error search looks at this many exponents finer than the no-clip one.
     exp_search_radius: int = 3
+    # hessian_search tries this many fractional lengths either side of choose_formats' choice.
+    search_radius: int = 2
     # Ops that may run in float between a dequantize and a quantize.
     float_islands: frozenset = field(default_factory=frozenset)
 
@@ -115,6 +117,8 @@ class Target:
                               f"leave no headroom in a {self.acc_bits}-bit accumulator")
         if not isinstance(self.exp_search_radius, int) or not 0 <= self.exp_search_radius <= 8:
             raise TargetError(f"target {self.name!r}: exp_search_radius={self.exp_search_radius!r} must be in 0..8")
+        if not isinstance(self.search_radius, int) or not 0 <= self.search_radius <= 8:
+            raise TargetError(f"target {self.name!r}: search_radius={self.search_radius!r} must be in 0..8")
         bad = set(self.float_islands) - set(FLOAT_ISLAND_OPS)
         if bad:
             raise TargetError(f"target {self.name!r}: float_islands has unknown ops {sorted(bad)}; "

@@ -9,6 +9,7 @@ from .data_free_stats import data_free_stats
 from .choose_formats import choose_formats
 from .share_scales import share_scales
 from .insert_fake_quant import insert_fake_quant
+from .hessian_search import hessian_search
 from .bias_correction import bias_correction
 
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
@@ -23,6 +24,7 @@ PIPELINE = (
     choose_formats,
     share_scales,
     insert_fake_quant,
+    hessian_search,
     bias_correction,
 )
 

@@ -83,23 +83,13 @@ def _headroom(layer: _QWeighted, acc_bits: int) -> torch.Tensor:
     return torch.from_numpy(max_bias_code(acc_bits) * step).to(layer.bias_q.dtype)
 
 
-def _samples(ctx: CompileContext) -> torch.Tensor:
-    """A seeded random subset of the calibration samples (photos often come as runs of crops)."""
-    x = torch.cat([b.float() for b in ctx.calib_batches])
-    n = ctx.bias_correction_samples
-    if n and x.shape[0] > n:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(ctx.seed))[:n]
-        x = x[idx.sort().values]
-    return x
-
-
 def bias_correction(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     mode = ctx.bias_correction
     if ctx.calib_batches is None or mode is None:
         return gm
     empirical = mode == "empirical"
     modules = dict(gm.named_modules())
-    x = _samples(ctx)
+    x = ctx.samples(ctx.bias_correction_samples)
     last_use = {a.name: n.name for n in gm.graph.nodes for a in n.all_input_nodes}
     layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], _QWeighted)]
     quant: dict[str, object] = {}
