@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext
+from .context import BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext, ReconstructOptions
 from .errors import CalibrationError, InputError, LoadError
 from .formats import codes_of
 from .ir import Graph
@@ -46,7 +46,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
             input_range: tuple[float, float] | None = None, progress: bool = True, seed: int = 0,
             calib_batch_size: int = 64, bias_correction: str | bool | None = "weights",
             bias_correction_samples: int = 128, search: str | None = None, search_samples: int = 32,
-            **overrides) -> "QuantizedModel":
+            reconstruct=None, **overrides) -> "QuantizedModel":
     """Quantize ``model`` for ``target``; returns a QuantizedModel (fake-quant, IR, backends).
 
     ``calib_data``: a DataLoader, a list of batches, or a tensor of samples; None derives activation
@@ -57,6 +57,9 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     "empirical" (also the error from upstream), or None/False; it needs calibration data.
     ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
     (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all).
+    ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
+    power-of-two weight exponents and activation steps), "adaround" (rounding only), or a dict /
+    fxq.ReconstructOptions of its options (iters, time_budget, qdrop, ...).
     """
     from .passes import PIPELINE
     from .passes.calibrate import check_batches
@@ -68,6 +71,10 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
         raise CalibrationError(f"bias_correction_samples={bias_correction_samples!r} must be an integer >= 0 "
                                f"(0: every calibration sample)")
     search = _search_mode(search, search_samples, calib_data)
+    reconstruct = ReconstructOptions.from_user(reconstruct)
+    if reconstruct is not None and calib_data is None:
+        raise CalibrationError("reconstruct needs calibration data: it fits each block's quantized output to "
+                               "the float block's on real samples")
     batches = _as_batches(calib_data, calib_batch_size)
     if example_input is None:
         if batches:
@@ -84,7 +91,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
     ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed,
                          bias_correction=bias_correction, bias_correction_samples=bias_correction_samples,
-                         search=search, search_samples=search_samples)
+                         search=search, search_samples=search_samples, reconstruct=reconstruct)
     if was_training:
         msg = ("the model was in training mode; fxq compiled its eval-mode behaviour (BatchNorm running "
                "statistics, Dropout off). Call model.eval() first to silence this.")

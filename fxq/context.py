@@ -1,16 +1,89 @@
 """What every pass may read besides the graph: the target, the data and the user's options."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from .errors import CalibrationError
 from .targets import Target
 
 # What bias_correction measures a layer's error against: its own float weights, or the float model.
 BIAS_CORRECTION_MODES = ("weights", "empirical")
 # How hessian_search scores a candidate step: squared error weighted by the squared task-loss gradient.
 SEARCH_MODES = ("hessian",)
+
+
+# What reconstruct learns: rounding + power-of-two steps (RAPQ), or the rounding only (AdaRound).
+RECONSTRUCT_MODES = ("rapq", "adaround")
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    mode: str = "rapq"
+    iters: int = 2000                 # per block
+    batch: int = 32
+    samples: int = 1024               # calibration samples cached (0: all)
+    time_budget: float | None = None  # seconds for the whole pass
+    lr: float = 1e-3                  # rounding variables V
+    exp_lr: float = 1e-2              # exponent variables s (they must be able to cross h = 1/2 in the warm-up)
+    act_lr: float = 4e-4              # log2 of the activation steps
+    rounding_weight: float = 0.01     # λ
+    beta: tuple = (20.0, 2.0)
+    warmup: float = 0.2               # fraction of iters: steps learn, no rounding regulariser
+    lp: float | None = None           # None: BN-based p
+    bn_p_coeff: float = 2.0
+    bn_match: float = 0.0
+    qdrop: float = 0.5
+    chain_layers: int = 3
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise CalibrationError(f"reconstruct option {name}={getattr(self, name)!r} {why}")
+        if self.mode not in RECONSTRUCT_MODES:
+            bad("mode", f"must be one of {RECONSTRUCT_MODES}")
+        for name in ("iters", "batch", "chain_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "must be an integer >= 1")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
+            bad("samples", "must be an integer >= 0 (0: every calibration sample)")
+        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float)) and self.time_budget > 0):
+            bad("time_budget", "must be None or a positive number of seconds")
+        for name in ("lr", "exp_lr", "act_lr", "bn_p_coeff"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                bad(name, "must be a positive number")
+        for name in ("rounding_weight", "bn_match"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                bad(name, "must be a number >= 0")
+        if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop < 1):
+            bad("qdrop", "must be a probability in [0, 1)")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            bad("warmup", "must be a fraction in [0, 1)")
+        if self.lp is not None and not (isinstance(self.lp, (int, float)) and self.lp > 0):
+            bad("lp", "must be None (BN-based) or a positive exponent")
+        if len(tuple(self.beta)) != 2 or not all(isinstance(b, (int, float)) and b > 0 for b in self.beta):
+            bad("beta", "must be two positive numbers (start, end)")
+
+    @classmethod
+    def from_user(cls, value) -> "ReconstructOptions | None":
+        """compile(reconstruct=...): None/False, True, a mode name, a dict of options or an instance."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(mode=value)
+        if isinstance(value, dict):
+            names = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - names)
+            if unknown:
+                raise CalibrationError(f"unknown reconstruct option(s) {unknown}; options are {sorted(names)}")
+            return cls(**value)
+        raise CalibrationError(f"reconstruct={value!r} must be None/False, True, one of {RECONSTRUCT_MODES}, "
+                               f"a dict of ReconstructOptions fields or a ReconstructOptions")
 
 
 @dataclass
@@ -25,7 +98,8 @@ class CompileContext:
     bias_correction_samples: int = 128        # calibration samples it runs (0: all)
     search: str | None = None                 # one of SEARCH_MODES, or None (passes/hessian_search)
     search_samples: int = 32                  # calibration samples the Hessian search runs (0: all)
-    reconstruct: object = None                # a ReconstructOptions, or None (passes/reconstruct)
+    reconstruct: ReconstructOptions | None = None     # passes/reconstruct
+    reconstruct_history: list = field(default_factory=list)   # written by reconstruct: per-block losses
     notes: list[str] = field(default_factory=list)    # what fxq decided on the user's behalf
 
     def samples(self, n: int) -> torch.Tensor:

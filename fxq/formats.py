@@ -300,3 +300,26 @@ def search_frac(values: np.ndarray, rng: IntRange, radius: int, mode: Rounding =
         better = err < best_err
         best[better], best_err[better] = f[better], err[better]
     return best
+
+
+# The float steps reconstruction starts from: max|w| / qmax shrunk by each factor (BRECQ's 80 candidates).
+MSE_STEP_SHRINK = tuple(1.0 - 0.01 * i for i in range(80))
+
+
+def mse_step(rows: np.ndarray, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING) -> np.ndarray:
+    """Per row, the float step (max|w| / qmax times a shrink factor) with the least squared error.
+
+    An all-zero row gets the step noclip_frac gives it, so its exponent stays ordinary."""
+    rows = np.atleast_2d(np.asarray(rows, np.float64))
+    top = np.abs(rows).max(axis=1)
+    dead = top == 0
+    top = np.where(dead, 1.0, top)
+    best = top / rng.hi
+    best_err = np.full(rows.shape[0], np.inf)
+    for k in MSE_STEP_SHRINK:
+        step = top * k / rng.hi
+        q = rng.clip_np(round_np(rows / step[:, None], mode)) * step[:, None]
+        err = ((q - rows) ** 2).sum(axis=1)
+        better = err < best_err
+        best[better], best_err[better] = step[better], err[better]
+    return np.where(dead, exp2(-(rng.hi.bit_length() - 1)), best)

@@ -10,6 +10,7 @@ from .choose_formats import choose_formats
 from .share_scales import share_scales
 from .insert_fake_quant import insert_fake_quant
 from .hessian_search import hessian_search
+from .reconstruct import reconstruct
 from .bias_correction import bias_correction
 
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
@@ -25,6 +26,7 @@ PIPELINE = (
     share_scales,
     insert_fake_quant,
     hessian_search,
+    reconstruct,
     bias_correction,
 )
 

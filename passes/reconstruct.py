@@ -1,0 +1,266 @@
+"""reconstruct: learn each block's weight rounding, and on power-of-two targets its steps, so that the
+quantized block reproduces the float block's output (BRECQ/AdaRound, with RAPQ's power-of-two steps).
+
+Blocks (``split_blocks``): a *cut* is a FakeQuant after which exactly one value is live, i.e. every later
+node depends on the network only through it. Consecutive cuts delimit segments (a residual block is
+one segment: its input stays live until the add). Segments without a conv/linear join the next one,
+and runs of single-layer segments (plain chains) are merged up to ``chain_layers`` layers.
+
+Per block, in network order, on cached inputs: the quantized input comes from the already
+reconstructed blocks before it, the target is the float block on the float input. Learned, in one
+Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and positions):
+
+- weight rounding (AdaRound): W_q = Δ·clip(⌊W/Δ⌋ + h(V), lo, hi), h the rectified sigmoid, V
+  initialised so h(V) = frac(W/Δ); after a warm-up, the regulariser λ·Σ(1 - |2h(V) - 1|^β) with β
+  annealed from ``beta[0]`` to ``beta[1]`` drives h to 0/1, and the end keeps h >= 1/2.
+- mode "rapq", power-of-two targets: per output channel, Δ = 2^(⌊log2 d0⌋ + h(s)) with d0 the
+  squared-error-optimal float step, so each channel trades rounding against clipping between its two
+  power-of-two neighbours; activation steps inside the block are learned (LSQ gradient on log2 Δ).
+  At the end of the warm-up both are hardened: h(s) >= 1/2 picks the coarser neighbour, activation
+  steps snap to the nearest power of two (every step that lowers is one; the RAPQ code never snapped
+  activations), V is re-based so the soft weights do not jump, and only the rounding keeps learning.
+- mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
+  reference); only the rounding is learned.
+- p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
+  (the RAPQ code's normalisation; c = ``bn_p_coeff``, 0.1 in that code, 2.0 here so p spans (1, 3)
+  around BRECQ's 2-2.4); p = 2 without a BN, or ``lp`` when set. Optional ``bn_match``: the
+  quantized output of each folded layer is pulled towards its BN's per-channel mean and std.
+- QDrop (``qdrop`` = probability): during training each quantized activation, block input included,
+  is replaced elementwise by its float value with that probability.
+
+Cost: ``iters`` per block, batches of ``batch`` from at most ``samples`` cached samples; ``time_budget``
+seconds for the whole pass lowers the iterations of the blocks left (the note records how many each
+ran; only then does the result depend on the machine's speed). Deterministic under ``ctx.seed``.
+
+Reads: ``ctx.reconstruct`` (ReconstructOptions), ``ctx.calib_batches``, ``meta[BN_STATS]``, the
+fake-quant modules. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its format),
+weight formats and, in "rapq" mode, activation formats (through fxq.tuning, which keeps consumers and
+share_scales groups consistent). Requires: insert_fake_quant; runs after hessian_search and before
+bias_correction.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from fxq import meta
+from fxq.blocks import Block, block_graph, split_blocks
+from fxq.context import CompileContext, ReconstructOptions
+from fxq.errors import CalibrationError, UnsupportedOp, describe_node
+from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
+from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
+                         rectified_sigmoid, rounding_regulariser)
+from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
+
+_EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
+
+
+def _lp_loss(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    err = (out - target).abs().pow(p)
+    return err.sum(1).mean() if err.dim() > 1 else err.mean()
+
+
+def _block_p(block: Block, nodes_by_target: dict, opts: ReconstructOptions) -> float:
+    if opts.lp is not None:
+        return float(opts.lp)
+    stats = nodes_by_target[block.layers[-1]].meta.get(meta.BN_STATS)
+    return 2.0 if stats is None else bn_lp_exponent(stats.gamma, opts.bn_p_coeff)
+
+
+def _run_chunks(fn, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(c) for c in x.split(chunk)])
+
+
+class _Reconstructor:
+    def __init__(self, gm: fx.GraphModule, ctx: CompileContext, opts: ReconstructOptions):
+        self.gm, self.ctx, self.opts = gm, ctx, opts
+        self.modules = dict(gm.named_modules())
+        self.nodes_by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+        t = ctx.target
+        self.learn_steps = opts.mode == "rapq"
+        if self.learn_steps and t.scale_kind == "dyadic":
+            raise CalibrationError(f"reconstruct mode 'rapq' learns power-of-two steps; target {t.name!r} has dyadic "
+                                   f"scales: use mode 'adaround' (rounding only, steps as chosen)")
+        for name, m in self.modules.items():
+            if isinstance(m, _QWeighted) and m.clustered:
+                raise UnsupportedOp(f"{describe_node(self.nodes_by_target[name])}: reconstruct learns per-channel "
+                                    f"rounding; cluster weights (dfp-cluster) are not supported yet")
+        self.per_tensor = t.w_granularity == "tensor"
+        self.snapped: set[str] = set()            # FakeQuant targets whose step is final
+        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.history: list[dict] = []
+
+    # -- training modules for one block --------------------------------------------------------------
+    def _learnable(self, node: fx.Node, inside: set) -> bool:
+        """An activation step is learned when the target allows it, it is not final yet, and its whole
+        share_scales group lives in this block (a group reaching other blocks keeps share_scales' step:
+        a step fitted to one block's members could clip the others)."""
+        m = self.modules[node.target]
+        if not self.learn_steps or m.requant is not None or node.target in self.snapped:
+            return False
+        return all(g.name in inside for g in share_group(self.gm, node))
+
+    def _wrappers(self, block: Block):
+        opts, wrapped, acts = self.opts, {}, {}
+        inside = {n.name for n in block.nodes}
+        group_params: dict[str, nn.Parameter] = {}
+        for node in block.nodes:
+            if node.op != "call_module":
+                continue
+            m = self.modules[node.target]
+            if isinstance(m, _QWeighted):
+                bn = node.meta.get(meta.BN_STATS) if opts.bn_match > 0 else None
+                wrapped[node.target] = SoftLayer(m, self.learn_steps, self.per_tensor and
+                                                  m.w_fmt.bits == self.ctx.target.w_bits, bn)
+            elif isinstance(m, FakeQuant) and self._learnable(node, inside):
+                group = share_group(self.gm, node)
+                key = group[0].target
+                if key not in group_params:
+                    group_params[key] = nn.Parameter(torch.tensor(-float(m.fmt.frac)))
+                    acts[key] = (node, group)
+                wrapped[node.target] = LearnedAct(m, group_params[key], opts.qdrop, self.gen)
+            elif isinstance(m, (FakeQuant, QAdd)):
+                wrapped[node.target] = FrozenQuant(m, opts.qdrop if isinstance(m, FakeQuant) else 0.0, self.gen)
+            else:
+                wrapped[node.target] = m
+        return wrapped, acts, group_params
+
+    def _snap_acts(self, acts: dict, wrapped: dict) -> None:
+        """Every learned activation step becomes the nearest power of two, for good."""
+        for key, (node, group) in list(acts.items()):
+            log2_step = float(wrapped[node.target].log2_step.detach())
+            set_activation_frac(self.gm, node, -int(round(log2_step)), self.ctx.target.acc_bits)
+            for g in group:
+                self.snapped.add(g.target)
+                if g.target in wrapped and isinstance(wrapped[g.target], LearnedAct):
+                    wrapped[g.target].log2_step = None
+        acts.clear()
+
+    # -- one block ---------------------------------------------------------------------------------
+    def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str) -> None:
+        opts = self.opts
+        wrapped, acts, group_params = self._wrappers(block)
+        train = fx.GraphModule(wrapped, block_graph(block))
+        soft = [m for m in wrapped.values() if isinstance(m, SoftLayer)]
+        params = [{"params": [m.V for m in soft], "lr": opts.lr}]
+        if self.learn_steps:
+            params.append({"params": [m.s for m in soft if m.s is not None], "lr": opts.exp_lr})
+            params.append({"params": list(group_params.values()), "lr": opts.act_lr})
+        optimiser = torch.optim.Adam([g for g in params if g["params"]])
+        p = _block_p(block, self.nodes_by_target, opts)
+        warm = int(opts.warmup * iters)
+        n = xq.shape[0]
+        train.train()
+        with tqdm(range(iters), desc=bar_desc, disable=not self.ctx.progress, leave=False) as bar:
+            for it in bar:
+                if it == warm:
+                    for m in soft:
+                        m.harden_exponent()
+                    self._snap_acts(acts, wrapped)
+                idx = torch.randint(0, n, (min(opts.batch, n),), generator=self.gen)
+                x = qdrop(xq[idx], xf[idx], opts.qdrop, self.gen)
+                out = train(x)
+                rec = _lp_loss(out, yf[idx], p)
+                loss = rec
+                if it >= warm:
+                    beta = opts.beta[0] + (opts.beta[1] - opts.beta[0]) * (it - warm) / max(iters - warm, 1)
+                    loss = loss + opts.rounding_weight * sum(rounding_regulariser(m.h(), beta) for m in soft)
+                elif self.learn_steps:
+                    loss = loss + opts.rounding_weight * sum(
+                        rounding_regulariser(rectified_sigmoid(m.s), opts.beta[0]) for m in soft if m.s is not None)
+                if opts.bn_match > 0:
+                    loss = loss + opts.bn_match * sum(bn_match_loss(m) for m in soft if m.out_stats is not None)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if it % 50 == 0:
+                    bar.set_postfix(loss=f"{rec.item():.4g}", p=p)
+        for m in soft:                          # (already done at the end of the warm-up)
+            m.harden_exponent()
+        self._snap_acts(acts, wrapped)
+        for m in soft:
+            self._write_back(m)
+
+    def _write_back(self, soft: SoftLayer) -> None:
+        layer = soft.layer
+        with torch.no_grad():
+            hard = soft.hard_weight()
+        if self.learn_steps:
+            set_weight_frac(layer, soft.frac(), self.ctx.target.acc_bits)
+        layer.weight_q.copy_(hard.to(layer.weight_q.dtype))
+        fit_bias(layer, self.ctx.target.acc_bits)
+
+
+def _block_fn(gm: fx.GraphModule, block: Block):
+    return fx.GraphModule(gm, block_graph(block))
+
+
+def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    opts: ReconstructOptions | None = ctx.reconstruct
+    if opts is None or ctx.calib_batches is None:
+        return gm
+    rec = _Reconstructor(gm, ctx, opts)
+    blocks = split_blocks(gm, opts.chain_layers)
+    if not blocks:
+        ctx.note("reconstruct: no block to reconstruct (no FakeQuant cuts the graph)")
+        return gm
+    x = ctx.samples(opts.samples)
+    first = blocks[0].input
+    if first.args[0].op != "placeholder":
+        raise UnsupportedOp(f"{describe_node(first)}: reconstruct expects the first cut to quantize the model "
+                            f"input directly")
+    rec.snapped.add(first.target)                   # the cached inputs were quantized with its step
+    xf = x
+    xq = _run_chunks(gm.get_submodule(first.target), x)
+    started = time.perf_counter()
+    summary = []
+    for i, block in enumerate(blocks):
+        sub = _block_fn(gm, block)
+        set_quantization(gm, False)
+        yf = _run_chunks(sub, xf)
+        set_quantization(gm, True)
+        p = _block_p(block, rec.nodes_by_target, opts)
+        before = float(_lp_loss(_run_chunks(sub, xq[:_EVAL_SAMPLES]), yf[:_EVAL_SAMPLES], p))
+        iters = opts.iters
+        if opts.time_budget is not None:
+            iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i)
+        rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
+        with torch.no_grad():
+            sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
+            xq_next = _run_chunks(sub, xq)
+            after = float(_lp_loss(xq_next[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES], p))
+            set_quantization(gm, False)
+            xf = _run_chunks(sub, xf)
+            set_quantization(gm, True)
+        xq = xq_next
+        rec.history.append({"block": block.name, "layers": list(block.layers), "iters": iters, "p": p,
+                            "loss_before": before, "loss_after": after})
+        summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}")
+    sync_weight_meta(gm)
+    ctx.reconstruct_history = rec.history
+    ctx.note(f"reconstruct ({opts.mode}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "
+             f"{time.perf_counter() - started:.0f} s; block loss before -> after: " + "; ".join(summary))
+    return gm
+
+
+def _budgeted_iters(rec, block, xq, yf, opts, started, blocks_left) -> int:
+    """Iterations this block can afford: its share of the budget left, at the speed of a few trial steps."""
+    left = opts.time_budget - (time.perf_counter() - started)
+    if left <= 0:
+        return 1
+    share = left / blocks_left
+    wrapped, _, _ = rec._wrappers(block)
+    train = fx.GraphModule(wrapped, block_graph(block))
+    train.train()
+    t0 = time.perf_counter()
+    trials = 3
+    for _ in range(trials):
+        out = train(xq[: opts.batch])
+        _lp_loss(out, yf[: opts.batch], 2.0).backward()
+    per_iter = (time.perf_counter() - t0) / trials
+    return int(max(1, min(opts.iters, share / max(per_iter, 1e-6))))

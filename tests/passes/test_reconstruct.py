@@ -1,0 +1,227 @@
+"""reconstruct: each piece on small cases (blocks, relaxation, exponents, Lp exponent, loss), then the
+integer graph it leaves (exact, power-of-two, deterministic)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from conftest import assert_three_executors, cbr, tiny
+from fxq.blocks import cut_points, split_blocks
+from fxq.context import CompileContext, ReconstructOptions
+from fxq.errors import CalibrationError, UnsupportedOp
+from fxq.fakequant import _QWeighted, set_quantization
+from fxq.formats import mse_step
+from fxq.passes import PIPELINE, insert_fake_quant, reconstruct
+from fxq.pipeline import run_passes
+from fxq.relaxed import (bn_lp_exponent, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regulariser)
+from fxq.targets import get_target
+from fxq.trace import trace
+
+X = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+QUICK = {"iters": 60, "samples": 64, "batch": 16}
+
+
+def fake_model(model, target="shift-int", recon=None, **overrides):
+    """The fake-quant GraphModule after insert_fake_quant (and reconstruct when ``recon`` is given)."""
+    ctx = CompileContext(get_target(target, **overrides), X[:1], [X], progress=False, bias_correction=None,
+                         reconstruct=recon)
+    last = reconstruct if recon is not None else insert_fake_quant
+    return run_passes(trace(copy.deepcopy(model)), ctx, PIPELINE[: PIPELINE.index(last) + 1]), ctx
+
+
+class Chain(nn.Module):
+    def __init__(self, n=5):
+        super().__init__()
+        self.body = nn.Sequential(*[cbr(1 if i == 0 else 4, 4) for i in range(n)])
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+# -- blocks ----------------------------------------------------------------------------------------
+def test_a_residual_block_is_one_unit():
+    gm, _ = fake_model(tiny("residual"))
+    blocks = split_blocks(gm)
+    layers = [sorted(b.layers) for b in blocks]
+    assert layers == [["stem.0"], ["a.0", "b.0"], ["c.0", "down.0"], ["fc"]]
+    for b in blocks[1:3]:
+        assert any(n.meta.get("fxq.kind") == "add" for n in b.nodes)
+    # blocks tile the graph: each starts where the previous ended
+    for prev, nxt in zip(blocks, blocks[1:]):
+        assert nxt.input is prev.output
+
+
+def test_plain_chains_merge_up_to_chain_layers():
+    gm, _ = fake_model(Chain(5).eval())
+    assert [len(b.layers) for b in split_blocks(gm, chain_layers=3)] == [3, 3]
+    assert [len(b.layers) for b in split_blocks(gm, chain_layers=1)] == [1] * 6
+
+
+def test_cuts_are_where_one_value_is_live():
+    gm, _ = fake_model(tiny("residual"))
+    names = {n.name for n in cut_points(gm)}
+    skip = [n for n in gm.graph.nodes if n.meta.get("fxq.kind") == "add"][0].args[1]
+    assert skip.name in names                         # the block input ...
+    inside = [n for n in gm.graph.nodes if n.meta.get("fxq.kind") == "fake_quant" and n.name not in names]
+    assert inside                                     # ... but not the FakeQuants while it is live
+
+
+# -- the relaxation --------------------------------------------------------------------------------
+def test_rectified_sigmoid_reaches_both_ends_and_inverts():
+    v = torch.linspace(-12, 12, 101)
+    h = rectified_sigmoid(v)
+    assert h.min() == 0.0 and h.max() == 1.0
+    inner = torch.linspace(0.05, 0.95, 19)
+    assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(inner)), inner, atol=1e-5)
+    assert float(rounding_regulariser(torch.tensor([0.0, 1.0]), 2.0)) == 0.0
+    assert float(rounding_regulariser(torch.tensor([0.5]), 20.0)) == 1.0
+
+
+def _grid_offsets(qm):
+    """Per layer, weight_q / step - floor(float weight / step): AdaRound keeps each code at floor or floor+1."""
+    out = {}
+    for name, m in qm.fake.named_modules():
+        if isinstance(m, _QWeighted):
+            step = torch.exp2(-m._per_channel(m.w_frac)).float()
+            codes = m.weight_q / step
+            assert torch.equal(codes, torch.round(codes)), f"{name}: weights off the grid"
+            base = torch.clamp(torch.floor(m.weight.detach() / step), m.w_fmt.range.lo, m.w_fmt.range.hi)
+            out[name] = (codes - base).unique().tolist()
+    return out
+
+
+def test_rounding_hardens_to_floor_or_floor_plus_one():
+    qm = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4, bias_correction=None,
+                     reconstruct={"mode": "adaround", **QUICK})
+    for name, offsets in _grid_offsets(qm).items():
+        assert set(offsets) <= {0.0, 1.0}, (name, offsets)
+    # the rounding really was learned: some codes are not round-to-nearest
+    plain = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4, bias_correction=None)
+    differ = sum(int((a.qweight() != b.qweight()).sum()) for (_, a), (_, b) in
+                 zip(qm.fake.named_modules(), plain.fake.named_modules()) if isinstance(a, _QWeighted))
+    assert differ > 0
+
+
+def test_exponents_move_only_between_the_two_neighbours():
+    model = tiny("residual")
+    qm = fxq.compile(model, X, "shift-int", progress=False, w_bits=4, a_bits=4, bias_correction=None,
+                     reconstruct=QUICK)
+    start, _ = fake_model(model, w_bits=4, a_bits=4)
+    start_layers = dict(start.named_modules())
+    moved_up = moved_down = 0
+    for name, m in qm.fake.named_modules():
+        if not isinstance(m, _QWeighted):
+            continue
+        w = start_layers[name].weight.detach().double().numpy()
+        d0 = mse_step(w.reshape(w.shape[0], -1), m.w_fmt.range)
+        fine = -np.floor(np.log2(d0)).astype(np.int64)          # 2**floor(log2 d0): the finer neighbour
+        frac = m.w_fmt.frac_array
+        assert np.all((frac == fine) | (frac == fine - 1)), name
+        moved_up += int((frac == fine).sum())
+        moved_down += int((frac == fine - 1).sum())
+    assert moved_up and moved_down                 # both neighbours get chosen somewhere
+
+
+def test_activation_steps_are_learned_then_snapped_to_powers_of_two():
+    qm = fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
+                     bias_correction=None, reconstruct=QUICK)
+    for node in qm.ir.nodes:
+        t = node.out
+        assert t.mant == 1 or t.mant == (1,) or np.all(np.asarray(t.mant) == 1), node.name
+        assert np.all(np.asarray(t.frac) == np.round(np.asarray(t.frac))) if t.frac is not None else True
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def test_lp_exponent_follows_the_bn_statistics():
+    assert bn_lp_exponent(np.array([1.0]), 2.0) == 2.0                 # sum(gamma) = 1: sigmoid(0)
+    ps = [bn_lp_exponent(np.full(8, g), 2.0) for g in (-3.0, 0.05, 1.0, 3.0)]
+    assert ps == sorted(ps) and 1.0 < ps[0] < 1.5 and 2.5 < ps[-1] < 3.0     # grows with the BN's gammas
+    assert bn_lp_exponent(np.full(8, 3.0), 0.1) == 1.1                # the RAPQ code's constant
+    gm, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(**QUICK), w_bits=4, a_bits=4)
+    ps = {tuple(sorted(h["layers"])): h["p"] for h in ctx.reconstruct_history}
+    folded = {n.target: n.meta.get("fxq.bn_stats") for n in gm.graph.nodes if n.op == "call_module"}
+    assert ps[("fc",)] == 2.0                                           # no BN after the classifier
+    assert ps[("a.0", "b.0")] == bn_lp_exponent(folded["b.0"].gamma, 2.0)
+    _, fixed = fake_model(tiny("residual"), recon=ReconstructOptions(lp=3.0, **QUICK), w_bits=4, a_bits=4)
+    assert {h["p"] for h in fixed.reconstruct_history} == {3.0}
+
+
+@pytest.mark.parametrize("mode", ["rapq", "adaround"])
+def test_block_loss_decreases(mode):
+    _, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(mode=mode, iters=150, samples=64, batch=16),
+                        w_bits=4, a_bits=4)
+    hist = ctx.reconstruct_history
+    assert sum(h["loss_after"] for h in hist) < sum(h["loss_before"] for h in hist)
+    assert sum(h["loss_after"] < h["loss_before"] for h in hist) >= len(hist) - 1
+
+
+def test_bn_matching_term_runs_and_keeps_the_graph_exact():
+    qm = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
+                     reconstruct={"bn_match": 0.1, **QUICK})
+    assert_three_executors(qm, X[:16])
+
+
+# -- the integer graph it leaves -------------------------------------------------------------------
+@pytest.mark.parametrize("name,target,overrides,mode", [
+    ("residual", "shift-int", {"w_bits": 4, "a_bits": 4}, "rapq"),
+    ("inverted_residual", "shift-int", {"w_bits": 2, "a_bits": 4, "edge_w_bits": 8}, "rapq"),
+    ("concat", "fixed-point8", {}, "rapq"),
+    ("pools_and_pads", "shift-int", {"w_bits": 4}, "rapq"),
+    ("residual", "int8", {"w_bits": 4}, "adaround"),
+])
+def test_three_executors_agree_after_reconstruction(name, target, overrides, mode):
+    qm = fxq.compile(tiny(name), X, target, progress=False, reconstruct={"mode": mode, **QUICK}, **overrides)
+    assert any("reconstruct" in n for n in qm.notes)
+    assert_three_executors(qm, X[:24])
+
+
+def test_float_model_is_intact():
+    model = tiny("residual")
+    qm = fxq.compile(model, X, "shift-int", progress=False, w_bits=4, a_bits=4, reconstruct=QUICK)
+    set_quantization(qm.fake, False)
+    with torch.no_grad():
+        assert torch.allclose(qm.fake(X[:8]), model(X[:8]), atol=1e-4)
+
+
+def test_deterministic_under_a_seed():
+    runs = [fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4, seed=s,
+                        reconstruct={**QUICK, "samples": 32}) for s in (3, 3, 4)]   # the seed picks the samples
+    consts = [[c.tobytes() for n in qm.ir.nodes for c in n.consts.values()] for qm in runs]
+    assert consts[0] == consts[1] and consts[0] != consts[2]
+
+
+def test_time_budget_cuts_iterations():
+    _, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(iters=100000, samples=64, batch=16,
+                                                                   time_budget=2.0), w_bits=4, a_bits=4)
+    assert all(h["iters"] < 100000 for h in ctx.reconstruct_history)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,needle", [
+    ({"iters": 0}, "iters=0"), ({"qdrop": 1.0}, "qdrop=1.0"), ({"mode": "brecq"}, "mode='brecq'"),
+    ({"iterations": 10}, "unknown reconstruct option"), (3, "reconstruct=3"), ({"beta": (20,)}, "beta="),
+])
+def test_bad_options_are_named(value, needle):
+    with pytest.raises(CalibrationError, match=needle):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct=value)
+
+
+def test_rapq_on_a_dyadic_target_is_refused():
+    with pytest.raises(CalibrationError, match="adaround"):
+        fxq.compile(tiny("residual"), X, "int8", progress=False, reconstruct=QUICK)
+
+
+def test_cluster_weights_are_refused_by_name():
+    with pytest.raises(UnsupportedOp, match="cluster"):
+        fxq.compile(tiny("residual"), X, "dfp-cluster", progress=False, reconstruct={"mode": "adaround", **QUICK})
+
+
+def test_needs_data():
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        fxq.compile(tiny("residual"), None, "shift-int", input_shape=(1, 1, 28, 28), progress=False, reconstruct=True)
