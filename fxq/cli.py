@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import fxq
-from fxq.context import BIAS_CORRECTION_MODES, SEARCH_MODES
+from fxq.context import BIAS_CORRECTION_MODES, RECONSTRUCT_MODES, SEARCH_MODES
 from fxq.errors import FxqError
 
 
@@ -48,6 +48,27 @@ _bias_correction_option = click.option(
 _search_option = click.option(
     "--search", type=click.Choice([*SEARCH_MODES, "off"]), default="off", show_default=True,
     help="Re-choose steps by the task-loss-weighted (Hessian-guided) error.")
+
+
+_reconstruct_options = [
+    click.option("--reconstruct", type=click.Choice([*RECONSTRUCT_MODES, "off"]), default="off", show_default=True,
+                 help="Block-wise reconstruction: rapq (rounding + power-of-two steps) or adaround (rounding only)."),
+    click.option("--recon-iters", type=click.IntRange(min=1), default=None,
+                 help="Reconstruction iterations per block (default: fxq's)."),
+    click.option("--recon-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Reconstruction time budget in seconds for the whole model."),
+]
+
+
+def _reconstruct_arg(mode: str, iters, budget):
+    if mode == "off":
+        return None
+    opts = {"mode": mode}
+    if iters is not None:
+        opts["iters"] = iters
+    if budget is not None:
+        opts["time_budget"] = budget
+    return opts
 
 
 def _bc(choice: str):
@@ -120,9 +141,12 @@ def demo(model_name, target, calib, seed, quiet):
 @click.option("--set", "overrides", multiple=True, help="Target field override, e.g. --set w_bits=4 (repeatable).")
 @_bias_correction_option
 @_search_option
+@_reconstruct_options[0]
+@_reconstruct_options[1]
+@_reconstruct_options[2]
 @click.option("--quiet", is_flag=True)
 def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides,
-                bias_correction, search, quiet):
+                bias_correction, search, reconstruct, recon_iters, recon_budget, quiet):
     """Compile MODEL_SPEC (a zoo name or module:attribute) and save it."""
     from fxq import zoo
     model = _load_model(model_spec)
@@ -142,7 +166,8 @@ def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_s
     else:
         raise click.UsageError("give --calib-npy FILE or --data-free for a model outside the zoo")
     qm = fxq.compile(model, data, target=target, progress=not quiet, bias_correction=_bc(bias_correction),
-                     search=_bc(search), **kwargs)
+                     search=_bc(search), reconstruct=_reconstruct_arg(reconstruct, recon_iters, recon_budget),
+                     **kwargs)
     qm.save(output)
     click.echo(f"saved {output}: {len(qm.ir.nodes)} IR nodes, target {target}")
     for note in qm.notes:

@@ -132,6 +132,8 @@ class _Lowerer:
         attrs = {"w_bits": layer.w_fmt.bits, "w_frac": tuple(int(f) for f in w_frac)}
         if np.any(w_mant != 1):
             attrs["w_mant"] = _ints(w_mant)
+        if getattr(layer.w_fmt, "full_range", False):
+            attrs["w_full_range"] = True           # codes reach -2**(w_bits-1)
         if xt.zp:
             attrs["x_zp"] = int(xt.zp)          # products see code - zp, so zero padding stays 0.0
         if layer.clustered:

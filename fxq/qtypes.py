@@ -72,6 +72,10 @@ class ActFormat:
         return f"{'s' if self.signed else 'u'}{self.bits} {scale}{zp} [{r.lo},{r.hi}]"
 
 
+def weight_range(bits: int, full_range: bool = False) -> IntRange:
+    return int_range(bits, signed=True, symmetric=not full_range)
+
+
 class _SymmetricCodes:
     """Weight codes are signed and symmetric (``bits`` wide); ``frac`` has one entry per output channel."""
     frac: tuple[int, ...]
@@ -93,11 +97,16 @@ class _SymmetricCodes:
 
 @dataclass(frozen=True)
 class WeightFormat(_SymmetricCodes):
-    """Signed symmetric weight codes with one step per output channel: 2**-frac, or on dyadic targets
-    mant * 2**-frac."""
+    """Signed weight codes with one step per output channel: 2**-frac, or on dyadic targets
+    mant * 2**-frac. Symmetric (2 bits: -1..1, ternary) unless ``full_range`` (2 bits: -2..1)."""
     frac: tuple[int, ...]
     bits: int
     mant: tuple[int, ...] | None = None
+    full_range: bool = False
+
+    @property
+    def range(self) -> IntRange:
+        return weight_range(self.bits, self.full_range)
 
 
 @dataclass(frozen=True)

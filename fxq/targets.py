@@ -47,6 +47,12 @@ class Target:
     # The first and last weighted layers (the image's few input channels, the logits) keep this many
     # weight bits with per-channel power-of-two scales, as low-bit methods usually do; None: like the rest.
     edge_w_bits: int | None = None
+    # Activations at the network's edges (its input codes, the last weighted layer's input and the
+    # output logits) keep this many bits: low-bit methods leave the image and the logits at 8 bits.
+    edge_a_bits: int | None = None
+    # Weight codes use the whole signed range, -2**(b-1) included (2 bits: four levels -2..1, as RAPQ
+    # and BRECQ count 2-bit weights); False keeps them symmetric (2 bits: ternary -1, 0, +1).
+    w_full_range: bool = False
     scale_kind: str = "pow2"
     # F8Net's rule f = floor(log2(c / std)): c for signed and for unsigned (post-ReLU) tensors.
     std_coeff_signed: float = 40.0
@@ -81,6 +87,9 @@ class Target:
         if self.w_granularity not in GRANULARITIES:
             raise TargetError(f"target {self.name!r}: w_granularity={self.w_granularity!r} "
                               f"must be one of {GRANULARITIES}")
+        if self.w_full_range and self.w_granularity == "cluster":
+            raise TargetError(f"target {self.name!r}: w_full_range=True with w_granularity='cluster'; cluster "
+                              f"codes are symmetric (ternary or narrow odd ranges)")
         if self.w_granularity == "cluster":
             if not isinstance(self.cluster_size, int) or isinstance(self.cluster_size, bool) or self.cluster_size < 0:
                 raise TargetError(f"target {self.name!r}: cluster_size={self.cluster_size!r} must be an integer >= 1 "
@@ -96,6 +105,8 @@ class Target:
                                   f"must be one of {TERNARY_THRESHOLDS}")
         if self.edge_w_bits is not None and (not isinstance(self.edge_w_bits, int) or not 2 <= self.edge_w_bits <= 16):
             raise TargetError(f"target {self.name!r}: edge_w_bits={self.edge_w_bits!r} must be None or an integer in 2..16")
+        if self.edge_a_bits is not None and (not isinstance(self.edge_a_bits, int) or not 2 <= self.edge_a_bits <= 16):
+            raise TargetError(f"target {self.name!r}: edge_a_bits={self.edge_a_bits!r} must be None or an integer in 2..16")
         if self.scale_kind not in SCALE_KINDS:
             raise TargetError(f"target {self.name!r}: scale_kind={self.scale_kind!r} must be one of {SCALE_KINDS}")
         if self.requant not in REQUANT_KINDS:
@@ -199,7 +210,9 @@ class Target:
                 "scale": f"dyadic m{self.scale_mant_bits}" if dyadic else self.scale_kind,
                 "requant": f"x M{self.multiplier_bits}, shift" if dyadic else self.requant,
                 "rounding": self.rounding.value, "acc": self.acc_bits,
-                "first/last layers": f"w{self.edge_w_bits} per channel" if self.edge_w_bits else "same",
+                "first/last layers": ", ".join(filter(None, (
+                    f"w{self.edge_w_bits} per channel" if self.edge_w_bits else "",
+                    f"a{self.edge_a_bits} in/out" if self.edge_a_bits else ""))) or "same",
                 "shared residual scales": self.share_residual_scales,
                 "float islands": ",".join(sorted(self.float_islands)) or "-",
                 "description": self.description}

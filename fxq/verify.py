@@ -107,7 +107,8 @@ def _weighted(chk: _Check, n: Node, x: TensorType) -> None:
     w, b = n.consts.get("t" if n.op in CLUSTER_OPS else "w"), n.consts.get("b")
     chk(w is not None and b is not None, "missing weight or bias constants")
     chk(x.dtype in NARROW, f"input dtype {x.dtype} is not a narrow code type")
-    _codes_in(chk, w, int_range(n.attrs["w_bits"], signed=True, symmetric=True), f"{n.attrs['w_bits']}-bit weight codes")
+    _codes_in(chk, w, int_range(n.attrs["w_bits"], signed=True, symmetric=not n.attrs.get("w_full_range", False)),
+              f"{n.attrs['w_bits']}-bit weight codes")
     chk(b.dtype == np.int32 and b.shape == (w.shape[0],), f"bias must be int32[{w.shape[0]}], got {b.dtype}{list(b.shape)}")
     chk(n.out.dtype == "int32", "accumulator output must be int32")
     expected = tuple(int(x.frac) + int(f) for f in n.attrs["w_frac"])

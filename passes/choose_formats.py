@@ -6,12 +6,15 @@ and the target allows it. The power-of-two step comes either from an error searc
 on the observed sample) or from the tensor's spread (``scale_kind`` "fixed_point", F8Net:
 f = floor(log2(c / std)), std before a fused ReLU, c from the target). On dyadic targets (int8)
 activations are affine unsigned codes: zero point and a dyadic step from the observed range, shrunk by
-the factor with the least squared error; weights take max|w| / 127 per channel, rounded to a dyadic step.
+the factor with the least squared error; weights take max|w| / qmax per channel (below 8 bits the
+least-squared-error step, as clipping then pays), rounded to a dyadic step.
 Weights: the same rule per output channel or per tensor; with ``w_granularity`` "cluster" the weights
 become codes times one fixed-point scale per cluster of input channels (fxq.clusters), and the format
 records the scales' fractional length per filter.
 
 Reads: ``meta[OBSERVER]``, ``meta[ROLE]``, ``meta[KIND]``, the layers' weights, ``ctx.target``.
+Activations at the network's edges (input, the last layer's input, the output) take ``edge_a_bits``
+when the target sets it.
 Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat or
 ClusterFormat) on conv/linear, with the weight step widened where a bias code would not fit the
 accumulator (channels whose weights vanish after BN folding). Raises CalibrationError naming a qpoint that calibration never reached.
@@ -27,7 +30,7 @@ from fxq import meta
 from fxq.clusters import choose_cluster_frac
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import bias_frac_cap, dyadic, int_range, search_affine, search_frac, std_frac
+from fxq.formats import bias_frac_cap, dyadic, int_range, mse_step, search_affine, search_frac, std_frac
 from fxq.qtypes import ActFormat, ClusterFormat, WeightFormat
 from fxq.targets import Target
 from fxq.walk import format_source, is_nonnegative, weighted_layers
@@ -70,21 +73,35 @@ def weight_format(w: np.ndarray, t: Target):
                             t.ternary_threshold, t.rounding.value)
         return replace(fmt, frac=tuple(int(f) for f in choose_cluster_frac(w, fmt)))
     rows = w.reshape(w.shape[0], -1) if t.w_granularity == "channel" else w.reshape(1, -1)
-    rng = WeightFormat((0,), t.w_bits).range
+    rng = WeightFormat((0,), t.w_bits, full_range=t.w_full_range).range
     if t.scale_kind == "dyadic":
-        mant, frac = dyadic(np.abs(rows).max(axis=1) / rng.hi, t.scale_mant_bits)
+        # max|w| / qmax as torch.ao and ORT do at 8 bits; below, clipping pays: the squared-error step
+        step = np.abs(rows).max(axis=1) / rng.hi if t.w_bits >= 8 else mse_step(rows, rng, t.rounding)
+        mant, frac = dyadic(step, t.scale_mant_bits)
         mant, frac = (np.broadcast_to(v, (w.shape[0],)) for v in (mant, frac))
-        return WeightFormat(tuple(int(f) for f in frac), t.w_bits, tuple(int(m) for m in mant))
+        return WeightFormat(tuple(int(f) for f in frac), t.w_bits, tuple(int(m) for m in mant), t.w_full_range)
     if t.scale_kind == "fixed_point":
         frac = std_frac(rows.std(axis=1), t.std_coeff_signed, t.w_bits)
     else:
         frac = search_frac(rows, rng, t.exp_search_radius, t.rounding)
     frac = np.broadcast_to(frac, (w.shape[0],))
-    return WeightFormat(tuple(int(f) for f in frac), t.w_bits)
+    return WeightFormat(tuple(int(f) for f in frac), t.w_bits, full_range=t.w_full_range)
+
+
+def edge_activations(gm: fx.GraphModule) -> set[str]:
+    """The model input, the codes the last conv/linear reads and the output: what ``edge_a_bits`` widens."""
+    nodes = list(gm.graph.nodes)
+    edges = {n.name for n in nodes if n.meta.get(meta.KIND) == "input"}
+    layers = [n for n, _ in weighted_layers(gm)]
+    if layers:
+        edges.add(format_source(layers[-1].args[0]).name)
+    edges.update(format_source(a).name for n in nodes if n.op == "output" for a in n.all_input_nodes)
+    return edges
 
 
 def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
+    edges = edge_activations(gm) if t.edge_a_bits is not None else set()
     for node in gm.graph.nodes:
         obs = node.meta.get(meta.OBSERVER)
         if obs is None:
@@ -92,9 +109,12 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if not obs.seen:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
         fmt = activation_format(node, t)
+        if node.name in edges:
+            fmt = replace(fmt, bits=t.edge_a_bits)
         node.meta[meta.ACT_FMT] = _activation_scale(obs, fmt, t)
     layers = list(weighted_layers(gm))
-    edge_target = None if t.edge_w_bits is None else replace(t, w_bits=t.edge_w_bits, w_granularity="channel")
+    edge_target = None if t.edge_w_bits is None else replace(t, w_bits=t.edge_w_bits, w_granularity="channel",
+                                                           w_full_range=False)
     for i, (node, module) in enumerate(layers):
         edge = edge_target is not None and i in (0, len(layers) - 1)
         fmt = weight_format(module.weight.detach().double().numpy(), edge_target if edge else t)

@@ -28,6 +28,9 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
 - QDrop (``qdrop`` = probability): during training each quantized activation, block input included,
   is replaced elementwise by its float value with that probability.
 
+A block whose loss (measured through the real fake-quant modules on the first cached samples) ends
+higher than it started is put back as it was; the note says which.
+
 Cost: ``iters`` per block, batches of ``batch`` from at most ``samples`` cached samples; ``time_budget``
 seconds for the whole pass lowers the iterations of the blocks left (the note records how many each
 ran; only then does the result depend on the machine's speed). Deterministic under ``ctx.seed``.
@@ -186,6 +189,24 @@ class _Reconstructor:
         for m in soft:
             self._write_back(m)
 
+    def snapshot(self, block: Block) -> dict:
+        """What reconstructing ``block`` may change: its layers' weights and formats, its activation steps."""
+        layers = {n: (self.modules[n].weight_q.clone(), self.modules[n].w_fmt) for n in block.layers}
+        acts = {n.name: (n, self.modules[n.target].fmt.frac) for n in block.nodes
+                if n.op == "call_module" and isinstance(self.modules[n.target], FakeQuant)}
+        return {"layers": layers, "acts": acts}
+
+    def restore(self, saved: dict) -> None:
+        for name, (weight_q, fmt) in saved["layers"].items():
+            layer = self.modules[name]
+            layer.weight_q.copy_(weight_q)
+            layer.set_weight_format(fmt)
+        for node, frac in saved["acts"].values():
+            if self.modules[node.target].fmt.frac != frac:
+                set_activation_frac(self.gm, node, frac, self.ctx.target.acc_bits)
+        for name, (_, fmt) in saved["layers"].items():       # after the inputs' steps are back
+            self.modules[name].set_weight_format(fmt)
+
     def _write_back(self, soft: SoftLayer) -> None:
         layer = soft.layer
         with torch.no_grad():
@@ -229,18 +250,24 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         iters = opts.iters
         if opts.time_budget is not None:
             iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i)
+        saved = rec.snapshot(block)
         rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
         with torch.no_grad():
             sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
             xq_next = _run_chunks(sub, xq)
             after = float(_lp_loss(xq_next[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES], p))
+            kept = after <= before
+            if not kept:                             # never leave a block worse than it came
+                rec.restore(saved)
+                xq_next = _run_chunks(sub, xq)
             set_quantization(gm, False)
             xf = _run_chunks(sub, xf)
             set_quantization(gm, True)
         xq = xq_next
         rec.history.append({"block": block.name, "layers": list(block.layers), "iters": iters, "p": p,
-                            "loss_before": before, "loss_after": after})
-        summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}")
+                            "loss_before": before, "loss_after": after, "kept": kept})
+        summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}"
+                       + ("" if kept else " (worse: reverted)"))
     sync_weight_meta(gm)
     ctx.reconstruct_history = rec.history
     ctx.note(f"reconstruct ({opts.mode}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "

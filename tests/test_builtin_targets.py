@@ -151,6 +151,9 @@ def test_cluster_ir_prints_codes_clusters_and_scales():
     ("fixed-point8", {"std_coeff_signed": 0}, "std_coeff_signed"),
     ("fixed-point8", {"scale_kind": "log2"}, "scale_kind"),
     ("dfp-cluster", {"edge_w_bits": 1}, "edge_w_bits"),
+    ("shift-int", {"edge_a_bits": 40}, "edge_a_bits"),
+    ("dfp-cluster", {"w_full_range": True}, "w_full_range"),
+    ("shift-int", {"search_radius": 9}, "search_radius"),
 ])
 def test_impossible_overrides_name_the_field(target, overrides, field):
     with pytest.raises(fxq.TargetError, match=field):
@@ -180,3 +183,28 @@ def test_dead_channel_with_a_large_bias_fits_the_accumulator(target):
     assert_three_executors(qm, X)
     folded = qm.fake.get_submodule("stem.0").qbias().detach()[:3]
     assert torch.allclose(folded, torch.full((3,), 4.0, dtype=folded.dtype), rtol=1e-3)
+
+
+def test_edge_activations_keep_their_bits():
+    qm = fxq.compile(tiny("residual"), X, "shift-int", w_bits=4, a_bits=4, edge_a_bits=8, progress=False)
+    nodes = qm.ir.nodes
+    quantize = next(n for n in nodes if n.op == "quantize")
+    last = [n for n in nodes if "w_frac" in n.attrs][-1]
+    logits = qm.ir.node(qm.ir.output).inputs[0]
+    types = {n.name: n.out for n in nodes}
+    assert quantize.out.hi - quantize.out.lo == 255                       # the image: 8-bit codes
+    assert types[last.inputs[0]].hi - types[last.inputs[0]].lo == 255     # the classifier's input
+    assert types[logits].hi - types[logits].lo == 255                     # the logits
+    inner = [n.out for n in nodes if n.op == "requant" and n.name != logits]
+    assert inner and all(t.hi - t.lo <= 15 for t in inner)                # the rest: 4-bit codes
+    assert_three_executors(qm, X[:16])
+
+
+def test_full_range_weights_reach_the_negative_code():
+    qm = fxq.compile(tiny("residual"), X, "shift-int", w_bits=2, w_full_range=True, progress=False)
+    codes = np.concatenate([n.consts["w"].ravel() for n in qm.ir.nodes if "w" in n.consts])
+    assert codes.min() == -2 and codes.max() <= 1                          # four levels, -2..1
+    sym = fxq.compile(tiny("residual"), X, "shift-int", w_bits=2, progress=False)
+    codes = np.concatenate([n.consts["w"].ravel() for n in sym.ir.nodes if "w" in n.consts])
+    assert codes.min() == -1 and codes.max() == 1                          # ternary
+    assert_three_executors(qm, X[:16])

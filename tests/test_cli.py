@@ -99,3 +99,16 @@ def test_compile_bias_correction_option(tmp_path, choice, note):
     r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
                                   "--bias-correction", "sometimes"])
     assert r.exit_code == 2 and "sometimes" in r.output
+
+
+def test_compile_reconstruct_options(tmp_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    out = tmp_path / "m.fxq"
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
+                                  "--set", "w_bits=4", "--reconstruct", "rapq", "--recon-iters", "5", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert any(n.startswith("reconstruct (rapq)") and "(5 it" in n for n in fxq.load(out).notes)
+    r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
+                                  "--reconstruct", "rapq", "--recon-iters", "0"])
+    assert r.exit_code == 2 and "--recon-iters" in r.output

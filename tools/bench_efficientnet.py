@@ -45,6 +45,21 @@ FXQ_CONFIGS = [
     ("fxq dfp-cluster 4-bit, N=4", "dfp-cluster", "W4A8", {"w_bits": 4}),
     ("fxq dfp-cluster ternary, N=4", "dfp-cluster", "W2A8", {}),
 ]
+# --lowbit: issue 5's rows (Hessian search, RAPQ reconstruction) instead of the targets above.
+# Reconstruction on 240x240 crops is CPU-heavy: a time budget per compile and fewer cached samples.
+EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
+LOWBIT_CONFIGS = [
+    ("fxq shift-int naive (no-clip exponents, no bias correction)", "shift-int", "W8A8",
+     {"exp_search_radius": 0, "bias_correction": None}),
+    ("fxq shift-int + Hessian search", "shift-int", "W8A8", {"search": "hessian"}),
+    ("fxq shift-int + Hessian search + RAPQ reconstruction", "shift-int", "W8A8",
+     {"search": "hessian", "reconstruct": {"samples": 128, "batch": 8, "time_budget": 1200}}),
+    ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
+    ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "search": "hessian",
+      "reconstruct": {"samples": 128, "batch": 8, "time_budget": 1200}}),
+]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
 # batch until the end: ~88 MiB per 240x240 crop, so the 240 calibration crops would need ~22 GiB. They
@@ -76,9 +91,13 @@ def main(argv=None):
                    help="torch and ORT threads (1 is far faster when another process is busy on the cores)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--no-readme", action="store_true", help="never write README.md (partial runs never do)")
+    p.add_argument("--lowbit", action="store_true", help="run the Hessian-search/reconstruction rows instead of "
+                   "the targets (implies --skip-baselines; writes bench_efficientnet_lowbit.md/.json)")
     args = p.parse_args(argv)
     cli_args = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
+    if args.lowbit:
+        args.skip_baselines = True
     partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
                or args.ort_configs is not None)
     ort_configs = baselines.ort_configs()
@@ -106,7 +125,7 @@ def main(argv=None):
               f"{seconds:6.1f} s  exact {exact}", flush=True)
 
     calib_batches = list(calib_x.split(BATCH))
-    for label, target, bits, overrides in FXQ_CONFIGS:
+    for label, target, bits, overrides in (LOWBIT_CONFIGS if args.lowbit else FXQ_CONFIGS):
         if target not in fxq.targets():
             notes.append(f"{label}: skipped, target {target!r} is not registered in this fxq")
             print(f"  {label}: skipped (target {target!r} not registered)", flush=True)
@@ -174,8 +193,9 @@ def main(argv=None):
             "total_seconds": round(time.perf_counter() - t_start, 1)}
     md = markdown(rows, meta)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_efficientnet.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "bench_efficientnet.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
+    stem = "bench_efficientnet_lowbit" if args.lowbit else "bench_efficientnet"
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"{stem}.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
     if not args.no_readme and not partial:
         write_readme_block(md, README_BEGIN, README_END)
     elif partial and not args.no_readme:

@@ -1,0 +1,192 @@
+"""make bench (low-bit part): shift-int at W8A8, W4A4 and W2A4 on the Fashion-MNIST zoo, from naive
+power-of-two rounding to Hessian search and reconstruction, with a float-scale reconstruction beside it.
+
+Rows per model and bit width (first/last layers keep 8-bit weights, the image, the last layer's input
+and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights are the four levels
+-2..1, ``w_full_range``):
+
+- naive: no-clip power-of-two exponents (``exp_search_radius=0``), no bias correction;
+- fxq's default formats: squared-error exponent search and bias correction, no search or reconstruction;
+- + Hessian search: the naive start, steps re-chosen by the gradient-weighted error;
+- + float-scale reconstruction: AdaRound on the int8 target at the same bits (dyadic 8-bit-mantissa
+  scales, i.e. float scales to 0.4%; affine activations), the BRECQ/AdaRound-style reference;
+- + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options).
+
+Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
+``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench import write_readme_block  # noqa: E402
+
+import fxq  # noqa: E402
+from fxq import data, zoo  # noqa: E402
+from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
+
+README_BEGIN, README_END = "<!-- lowbit:begin -->", "<!-- lowbit:end -->"
+EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
+BITS = {"W8A8": {"w_bits": 8, "a_bits": 8}, "W4A4": {"w_bits": 4, "a_bits": 4, **EDGES},
+        "W2A4": {"w_bits": 2, "a_bits": 4, "w_full_range": True, **EDGES}}
+
+
+def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
+    """(row label, target, compile kwargs) for one bit width."""
+    return [
+        ("naive power-of-two (no-clip exponents)", "shift-int",
+         {**bits, "exp_search_radius": 0, "bias_correction": None}),
+        ("fxq default formats (squared-error exponents, bias correction)", "shift-int", {**bits}),
+        ("+ Hessian search", "shift-int", {**bits, "exp_search_radius": 0, "bias_correction": None,
+                                           "search": "hessian"}),
+        ("+ float-scale reconstruction (AdaRound, int8 dyadic scales)", "int8",
+         {**bits, "reconstruct": {**recon, "mode": "adaround"}}),
+        ("+ RAPQ power-of-two reconstruction", "shift-int",
+         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+    ]
+
+
+def _acc(logits: np.ndarray, y: np.ndarray) -> float:
+    return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
+
+
+def bench_model(name, calib_x, test_x, test_y, args) -> list[dict]:
+    y = test_y.numpy()
+    model = zoo.load(name)
+    fp32 = _acc(batched(lambda b: model(b).detach().numpy(), test_x), y)
+    rows = [{"model": name, "bits": "W32A32", "method": "FP32", "accuracy": fp32, "delta": 0.0, "seconds": 0.0,
+             "exact": None}]
+    print(f"  FP32 {fp32:.2f}", flush=True)
+    recon = {"iters": args.iters} if args.iters else {}
+    for bits_name in args.bits:
+        for label, target, kwargs in methods(BITS[bits_name], recon):
+            t0 = time.perf_counter()
+            qm = fxq.compile(model, calib_x, target, progress=False, **kwargs)
+            secs = time.perf_counter() - t0
+            acc = _acc(batched(lambda b: qm(b).detach().numpy(), test_x), y)
+            codes, _ = executor_codes(qm, test_x[: args.exact])
+            exact = round(100.0 * float(agreeing(codes).mean()), 2)
+            row = {"model": name, "bits": bits_name, "method": label, "target": target, "accuracy": acc,
+                   "delta": round(acc - fp32, 2), "seconds": round(secs, 1), "exact": exact,
+                   "notes": [n for n in qm.notes if n.startswith(("reconstruct", "hessian"))]}
+            rows.append(row)
+            print(f"  {bits_name} {label:<62} acc {acc:6.2f} ({acc - fp32:+.2f})  {secs:7.1f} s  exact {exact}",
+                  flush=True)
+    return rows
+
+
+def recovered(rows: list[dict]) -> list[str]:
+    """Share of the naive-to-FP32 gap each reconstruction closes, per model and bits."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        fp32 = next(r["accuracy"] for r in rows if r["model"] == model and r["bits"] == "W32A32")
+        for bits in dict.fromkeys(r["bits"] for r in rows if r["model"] == model and r["bits"] != "W32A32"):
+            mine = {r["method"]: r["accuracy"] for r in rows if r["model"] == model and r["bits"] == bits}
+            naive = mine[next(k for k in mine if k.startswith("naive"))]
+            if fp32 - naive <= 0.5:
+                continue
+            parts = [f"{k.removeprefix('+ ').split(' (')[0]} {100 * (v - naive) / (fp32 - naive):.0f}%"
+                     for k, v in mine.items() if "reconstruction" in k]
+            out.append(f"{model} {bits}: " + ", ".join(parts))
+    return out
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = ["| model | bits | method | accuracy % | Δ vs FP32 | compile s | exact % |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        exact = f"{r['exact']:.2f}" if r["exact"] is not None else "–"
+        out.append(f"| {r['model']} | {r['bits']} | {r['method']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
+                   f"{r['seconds']:.1f} | {exact} |")
+    out += ["", "Gap to FP32 closed from naive rounding: " + "; ".join(recovered(rows)) + ".",
+            "", f"\"exact\" = reference backend == ONNX Runtime on the export == float64 fake-quant, output codes, on "
+            f"the first {meta['exact_images']} test images. Edges (first/last layer weights, image, last layer's "
+            f"input, logits) stay 8-bit below W8A8; W2 weights are the four codes -2..1. Reconstruction: "
+            f"{meta['recon']}.",
+            f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} "
+            f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} images, "
+            f"calibration: {meta['calib_images']} training images."]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=zoo.names())
+    p.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    p.add_argument("--calib", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per block (default: fxq's)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--exact", type=int, default=2000, help="test images the three executors are compared on")
+    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 each when models run side by side)")
+    p.add_argument("--part", metavar="NAME", help="write docs/bench_lowbit_NAME.json only (merge with --merge)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="combine part files into docs/bench_lowbit.md/.json and the README block")
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    if not data.fashion_mnist_available():
+        sys.exit("bench needs the real Fashion-MNIST test set: `make fashion-mnist` (Debian dataset-fashion-mnist)")
+    train_x, _ = data.load_fashion_mnist("train")
+    calib_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.calib]]
+    test_x, test_y = data.load_fashion_mnist("test")
+    if args.limit:
+        test_x, test_y = test_x[: args.limit], test_y[: args.limit]
+    rows = []
+    for name in args.models:
+        print(f"[{name}]", flush=True)
+        rows += bench_model(name, calib_x, test_x, test_y, args)
+    full = argv is None and len(sys.argv) == 1
+    opts = fxq.ReconstructOptions(**({"iters": args.iters} if args.iters else {}))
+    meta = {"date": dt.date.today().isoformat(), "command": "make bench" if full
+            else "python tools/bench_lowbit.py " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "test_images": len(test_x),
+            "calib_images": len(calib_x), "exact_images": min(args.exact, len(test_x)),
+            "recon": f"{opts.iters} iterations per block, batch {opts.batch}, {opts.samples} samples, "
+                     f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff})"}
+    args.out.mkdir(exist_ok=True)
+    if args.part:
+        meta["command"] = "python tools/bench_lowbit.py " + " ".join(sys.argv[1:])
+        (args.out / f"bench_lowbit_{args.part}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
+    md = markdown(rows, meta)
+    suffix = "" if full or not (args.limit or args.iters) else "_partial"
+    (args.out / f"bench_lowbit{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"bench_lowbit{suffix}.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
+    if not suffix and not args.limit:
+        write_readme_block(md, README_BEGIN, README_END)
+    print("\n" + md)
+
+
+def merge(parts: list[Path], out: Path) -> None:
+    """One table from part files run side by side (each with its own command, recorded in the table)."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    rows = [r for d in loaded for r in d["rows"]]
+    meta = dict(loaded[0]["meta"])
+    meta["command"] = "`; `".join(d["meta"]["command"] for d in loaded) + "`, then `python tools/bench_lowbit.py --merge " \
+        + " ".join(str(p.relative_to(ROOT)) if p.is_absolute() else str(p) for p in parts)
+    meta["date"] = ", ".join(sorted({d["meta"]["date"] for d in loaded}))
+    md = markdown(rows, meta)
+    (out / "bench_lowbit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "bench_lowbit.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
+    write_readme_block(md, README_BEGIN, README_END)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
