@@ -3,8 +3,9 @@
 Each wraps a fake-quant module of the graph, reads its format, and is differentiable: AdaRound's
 rectified-sigmoid rounding and RAPQ's relaxed power-of-two exponent for weights, an LSQ-learned log2
 step for activations, a straight-through gradient around any quantizer kept as is, and QDrop's random
-float elements. ``harden``/``snap`` turn the relaxed choices into the discrete ones the integer graph
-holds; the pass writes them back through fxq.tuning.
+float elements. ``SoftLayer.harden_exponent``, ``hard_weight`` and the pass's activation snap turn the
+relaxed choices into the discrete ones the integer graph holds; the pass writes them back through
+fxq.tuning.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
-from .formats import int_range, mse_step, step_of
+from .formats import int_range, mse_step, quantize_np, round_torch, step_of
 
 ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 # A channel's relaxed exponent starts this far from its hard choice, on the side of the power-of-two
@@ -30,12 +31,11 @@ def _coarser_is_better(rows: np.ndarray, e0: np.ndarray, rng) -> np.ndarray:
     """Per row: does 2**(e0 + 1) quantize it with less squared error than 2**e0?"""
     errs = []
     for e in (e0, e0 + 1):
-        step = np.exp2(e)[:, None]
-        errs.append(((rng.clip_np(np.rint(rows / step)) * step - rows) ** 2).sum(axis=1))
+        frac = -e[:, None]
+        errs.append(((quantize_np(rows, frac, rng) * np.exp2(-frac) - rows) ** 2).sum(axis=1))
     return errs[1] < errs[0]
 
 
-# ---------------------------------------------------------------------------------------------
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
@@ -58,7 +58,7 @@ def bn_lp_exponent(gamma: np.ndarray, coeff: float) -> float:
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
+    return x + (round_torch(x) - x).detach()
 
 
 class SoftLayer(nn.Module):

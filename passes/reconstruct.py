@@ -15,10 +15,15 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   annealed from ``beta[0]`` to ``beta[1]`` drives h to 0/1, and the end keeps h >= 1/2.
 - mode "rapq", power-of-two targets: per output channel, Δ = 2^(⌊log2 d0⌋ + h(s)) with d0 the
   squared-error-optimal float step, so each channel trades rounding against clipping between its two
-  power-of-two neighbours; activation steps inside the block are learned (LSQ gradient on log2 Δ).
-  At the end of the warm-up both are hardened: h(s) >= 1/2 picks the coarser neighbour, activation
-  steps snap to the nearest power of two (every step that lowers is one; the RAPQ code never snapped
-  activations), V is re-based so the soft weights do not jump, and only the rounding keeps learning.
+  power-of-two neighbours (h(s) starts on the side of the neighbour with less squared error, see
+  fxq.relaxed); activation steps are learned (LSQ gradient on log2 Δ) where their whole share_scales
+  group lies in the block. At the end of the warm-up both are hardened: h(s) >= 1/2 picks the coarser
+  neighbour, activation steps snap to the nearest power of two, AdaRound restarts on the hard grid,
+  and only the rounding keeps learning.
+  Where the RAPQ code slips (read for this pass): its exponent is never made an integer (the hard
+  branch reuses the soft value and is frozen after 500 iterations), activation steps are neither
+  snapped nor, in fact, learned, and zero points stay float; here every step that lowers is a power
+  of two and the verifier checks the integer graph that results.
 - mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
   reference); only the rounding is learned.
 - p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer

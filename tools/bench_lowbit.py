@@ -176,8 +176,20 @@ def main(argv=None):
 def merge(parts: list[Path], out: Path) -> None:
     """One table from part files run side by side (each with its own command, recorded in the table)."""
     loaded = [json.loads(p.read_text()) for p in parts]
-    rows = [r for d in loaded for r in d["rows"]]
+    rows, seen = [], set()
+    for d in loaded:
+        for r in d["rows"]:
+            key = (r["model"], r["bits"], r["method"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    order = {b: i for i, b in enumerate(["W32A32", *BITS])}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    rows.sort(key=lambda r: (models.index(r["model"]), order[r["bits"]]))
     meta = dict(loaded[0]["meta"])
+    meta["recon"] = "; ".join(
+        f"{d['meta']['recon']} ({' '.join(dict.fromkeys(r['model'] + ' ' + r['bits'] for r in d['rows'] if r['bits'] != 'W32A32'))})"
+        for d in loaded)
     meta["command"] = "`; `".join(d["meta"]["command"] for d in loaded) + "`, then `python tools/bench_lowbit.py --merge " \
         + " ".join(str(p.relative_to(ROOT)) if p.is_absolute() else str(p) for p in parts)
     meta["date"] = ", ".join(sorted({d["meta"]["date"] for d in loaded}))

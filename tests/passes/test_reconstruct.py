@@ -225,3 +225,24 @@ def test_cluster_weights_are_refused_by_name():
 def test_needs_data():
     with pytest.raises(CalibrationError, match="needs calibration data"):
         fxq.compile(tiny("residual"), None, "shift-int", input_shape=(1, 1, 28, 28), progress=False, reconstruct=True)
+
+
+def test_snapshot_and_restore_put_a_block_back():
+    """What the pass does with a block whose loss ends higher than it started."""
+    from fxq.passes.reconstruct import _Reconstructor
+    from fxq.tuning import set_activation_frac
+    gm, ctx = fake_model(tiny("residual"), w_bits=4, a_bits=4)
+    block = split_blocks(gm)[1]
+    rec = _Reconstructor(gm, ctx, ReconstructOptions(**QUICK))
+    with torch.no_grad():
+        ref = gm(X[:8])
+    saved = rec.snapshot(block)
+    layer = gm.get_submodule(block.layers[0])
+    layer.weight_q.mul_(3.0)
+    fq = next(n for n in block.nodes if n.op == "call_module" and n.target.startswith("fq_")
+              and gm.get_submodule(n.target).fmt.frac is not None and n is not block.output)
+    set_activation_frac(gm, fq, gm.get_submodule(fq.target).fmt.frac - 2, ctx.target.acc_bits)
+    with torch.no_grad():
+        assert not torch.equal(gm(X[:8]), ref)
+        rec.restore(saved)
+        assert torch.equal(gm(X[:8]), ref)
