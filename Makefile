@@ -29,11 +29,13 @@ demo: $(STAMP)
 fashion-mnist:
 	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-# Fashion-MNIST zoo (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py);
+# Fashion-MNIST zoo (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py),
+# then the low-bit rows (tools/bench_lowbit.py: Hessian search and reconstruction, ~2 h on 2 cores);
 # each writes docs/ and its README block.
 bench: $(STAMP) fashion-mnist photos
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_efficientnet.py
+	$(BIN)/python tools/bench_lowbit.py
 
 # Real photographs for scoring EfficientNet-Lite1: Debian wallpaper/sample packages fetched with
 # `apt-get download` (no root needed; `apt-get update` only if the lists are missing), ~126 MB.
