@@ -97,12 +97,12 @@ class _QWeighted(nn.Module):
         # (quantization off) keeps ``weight`` and ``bias``.
         self.register_buffer("weight_q", self.weight.detach().clone(), persistent=False)
         self.register_buffer("bias_q", self.bias.detach().clone(), persistent=False)
-        self.w_fmt = w_fmt
         self.in_frac = int(in_frac)
         self.rounding = Rounding(rounding)
         self.enabled = True
-        self.register_buffer("w_frac", torch.tensor(w_fmt.frac, dtype=torch.float64), persistent=False)
-        self.register_buffer("w_mant", torch.from_numpy(w_fmt.mant_array.astype(np.float64)), persistent=False)
+        self.register_buffer("w_frac", torch.empty(0, dtype=torch.float64), persistent=False)
+        self.register_buffer("w_mant", torch.empty(0, dtype=torch.float64), persistent=False)
+        self.set_weight_format(w_fmt)
         self.in_mant = int(in_fmt.mant)
         self._clusters: tuple | None = None      # (weight version key, ClusterCodes, float weights)
 

@@ -215,6 +215,11 @@ def bias_frac_cap(bias: np.ndarray, in_step: float, w_mant: np.ndarray, acc_bits
     return np.clip(cap, FRAC_LIMITS[0], FRAC_LIMITS[1]).astype(np.int64)
 
 
+def fit_bias_frac(frac: np.ndarray, bias: np.ndarray, in_step: float, w_mant: np.ndarray, acc_bits: int) -> np.ndarray:
+    """Weight fractional lengths with every channel above its bias_frac_cap brought down to it."""
+    return np.minimum(np.asarray(frac, np.int64), bias_frac_cap(bias, in_step, w_mant, acc_bits))
+
+
 def step_of(frac, mant=1) -> np.ndarray:
     """The real step of a format, mant * 2**-frac (float64, exact)."""
     return np.asarray(mant, np.float64) * np.exp2(-np.asarray(frac, np.float64))

@@ -15,7 +15,7 @@ import torch.fx as fx
 from . import meta
 from .errors import UnsupportedOp, describe_node
 from .fakequant import FakeQuant, _QWeighted, on_grid_clamp
-from .formats import bias_frac_cap
+from .formats import fit_bias_frac, step_of
 from .qtypes import ActFormat, WeightFormat
 from .walk import format_source
 
@@ -69,11 +69,11 @@ def fit_bias(layer: _QWeighted, acc_bits: int) -> None:
     """Coarsen the weight step of channels whose bias code would not fit (see choose_formats._fit_bias)."""
     if layer.clustered:
         return
-    in_step = float(2.0 ** -layer.in_frac) * layer.in_mant
-    cap = bias_frac_cap(layer.bias_q.detach().double().numpy(), in_step, layer.w_fmt.mant_array, acc_bits)
     frac = layer.w_fmt.frac_array
-    if np.any(frac > cap):
-        layer.set_weight_format(replace(layer.w_fmt, frac=tuple(int(f) for f in np.minimum(frac, cap))))
+    capped = fit_bias_frac(frac, layer.bias_q.detach().double().numpy(), float(step_of(layer.in_frac, layer.in_mant)),
+                           layer.w_fmt.mant_array, acc_bits)
+    if not np.array_equal(capped, frac):
+        layer.set_weight_format(replace(layer.w_fmt, frac=tuple(int(f) for f in capped)))
 
 
 def set_weight_frac(layer: _QWeighted, frac: np.ndarray, acc_bits: int) -> WeightFormat:

@@ -30,7 +30,7 @@ from fxq import meta
 from fxq.clusters import choose_cluster_frac
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import bias_frac_cap, dyadic, int_range, mse_step, search_affine, search_frac, std_frac
+from fxq.formats import dyadic, fit_bias_frac, int_range, mse_step, search_affine, search_frac, std_frac
 from fxq.qtypes import ActFormat, ClusterFormat, WeightFormat
 from fxq.targets import Target
 from fxq.walk import format_source, is_nonnegative, weighted_layers
@@ -128,10 +128,10 @@ def _fit_bias(node: fx.Node, module, fmt, t: Target, ctx: CompileContext):
     if module.bias is None:
         return fmt
     in_fmt = format_source(node.args[0]).meta[meta.ACT_FMT]
-    cap = bias_frac_cap(module.bias.detach().double().numpy(), in_fmt.step, fmt.mant_array, t.acc_bits)
     frac = fmt.frac_array
-    if np.all(frac <= cap):
+    capped = fit_bias_frac(frac, module.bias.detach().double().numpy(), in_fmt.step, fmt.mant_array, t.acc_bits)
+    if np.array_equal(capped, frac):
         return fmt
-    ctx.note(f"{node.name}: {int((frac > cap).sum())} output channel(s) with near-zero weights and a large bias got "
+    ctx.note(f"{node.name}: {int((frac > capped).sum())} output channel(s) with near-zero weights and a large bias got "
              f"a coarser weight step, so the bias fits the {t.acc_bits}-bit accumulator")
-    return replace(fmt, frac=tuple(int(f) for f in np.minimum(frac, cap)))
+    return replace(fmt, frac=tuple(int(f) for f in capped))

@@ -78,21 +78,20 @@ def _search_activations(gm, ctx, modules, x) -> int:
             g = share_group(gm, n)
             seen.update(m.name for m in g)
             groups.append(g)
-    centre = {tuple(m.name for m in g): int(modules[g[0].target].fmt.frac) for g in groups}
+    centre = {tuple(m.target for m in g): int(modules[g[0].target].fmt.frac) for g in groups}
     err = {key: np.zeros(2 * t.search_radius + 1) for key in centre}
     offsets = np.arange(-t.search_radius, t.search_radius + 1)
     names = [n.target for n in nodes]
     for batch in tqdm(x.split(_BATCH), desc="fxq hessian search (activations)", disable=not ctx.progress, leave=False):
         cap = _captured(gm, batch, modules, names, want_input=False)
         for key, f0 in centre.items():
-            for member in key:
-                target = next(n.target for n in nodes if n.name == member)
+            for target in key:
                 if target in cap:
                     _, value, grad = cap[target]
                     err[key] += _fq_error(modules[target], value, grad, f0 + offsets)
     changed = 0
     for g in groups:
-        key = tuple(m.name for m in g)
+        key = tuple(m.target for m in g)
         best = int(centre[key] + offsets[int(np.argmin(err[key]))])
         if best != centre[key]:
             set_activation_frac(gm, g[0], best, t.acc_bits)

@@ -158,13 +158,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    if not data.fashion_mnist_available():
-        sys.exit("bench needs the real Fashion-MNIST test set: `make fashion-mnist` (Debian dataset-fashion-mnist)")
-    train_x, _ = data.load_fashion_mnist("train")
-    calib_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.calib]]
-    test_x, test_y = data.load_fashion_mnist("test")
-    if args.limit:
-        test_x, test_y = test_x[: args.limit], test_y[: args.limit]
+    calib_x, test_x, test_y = fashion_mnist_split(args.calib, args.limit)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -182,6 +176,18 @@ def main(argv=None):
     if not args.no_readme:
         write_readme_block(md, README_BEGIN, README_END)
     print("\n" + md)
+
+
+def fashion_mnist_split(calib: int, limit: int | None):
+    """Seeded calibration images from the training set and the (first ``limit``) test images."""
+    if not data.fashion_mnist_available():
+        sys.exit("bench needs the real Fashion-MNIST test set: `make fashion-mnist` (Debian dataset-fashion-mnist)")
+    train_x, _ = data.load_fashion_mnist("train")
+    calib_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:calib]]
+    test_x, test_y = data.load_fashion_mnist("test")
+    if limit:
+        test_x, test_y = test_x[:limit], test_y[:limit]
+    return calib_x, test_x, test_y
 
 
 def write_readme_block(md: str, begin: str, end: str) -> None:

@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import write_readme_block  # noqa: E402
+from bench import fashion_mnist_split, write_readme_block  # noqa: E402
 
 import fxq  # noqa: E402
-from fxq import data, zoo  # noqa: E402
+from fxq import zoo  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
 README_BEGIN, README_END = "<!-- lowbit:begin -->", "<!-- lowbit:end -->"
@@ -139,13 +139,7 @@ def main(argv=None):
         return merge(args.merge, args.out)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    if not data.fashion_mnist_available():
-        sys.exit("bench needs the real Fashion-MNIST test set: `make fashion-mnist` (Debian dataset-fashion-mnist)")
-    train_x, _ = data.load_fashion_mnist("train")
-    calib_x = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.calib]]
-    test_x, test_y = data.load_fashion_mnist("test")
-    if args.limit:
-        test_x, test_y = test_x[: args.limit], test_y[: args.limit]
+    calib_x, test_x, test_y = fashion_mnist_split(args.calib, args.limit)
     rows = []
     for name in args.models:
         print(f"[{name}]", flush=True)
