@@ -170,6 +170,19 @@ class LearnedAct(nn.Module):
         return qdrop(q, x, self.qdrop, self.gen if self.training else None)
 
 
+def requant_gain(fq: FakeQuant, x: torch.Tensor) -> torch.Tensor | float:
+    """What a FakeQuant's input is worth in its output's units. A dyadic requant after a QAdd takes the
+    integer sum of both inputs' codes (times their multipliers), not a value: its worth per unit is
+    M * 2**-n * step (and 2**src_frac / src_mant more after a conv, where the input is a value and the
+    product is ~1)."""
+    r = fq.requant
+    if r is None:
+        return 1.0
+    c = r._channels
+    return (torch.exp2(c(r.src_frac, x)) / c(r.src_mant, x) * c(r.multiplier, x) * torch.exp2(-c(r.shift, x))
+            * fq.fmt.step)
+
+
 class FrozenQuant(nn.Module):
     """A fake-quant module used as is, with a straight-through gradient (and QDrop on activations)."""
 
@@ -184,7 +197,9 @@ class FrozenQuant(nn.Module):
             (sa, sb), (ma, mb) = self.module.steps, self.module.multipliers
             ref = args[0] / sa * ma + args[1] / sb * mb
             return ref + (q - ref).detach()
-        x = torch.clamp(args[0], *self.module.fmt.clamp)     # what the quantizer approximates
+        # what the quantizer approximates, as a value (so the gradient and QDrop's float elements are in
+        # the output's units, also where the input is a QAdd's integer sum)
+        x = torch.clamp(args[0] * requant_gain(self.module, args[0]), *self.module.fmt.clamp)
         return qdrop(x + (q - x).detach(), x, self.qdrop, self.gen if self.training else None)
 
 

@@ -19,7 +19,10 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   fxq.relaxed); activation steps are learned (LSQ gradient on log2 Δ) where their whole share_scales
   group lies in the block. At the end of the warm-up both are hardened: h(s) >= 1/2 picks the coarser
   neighbour, activation steps snap to the nearest power of two, AdaRound restarts on the hard grid,
-  and only the rounding keeps learning.
+  and only the rounding keeps learning. Once the block is written back, each activation step it
+  learned tries the powers of two within ``act_search`` and keeps the one with the least loss of the
+  real fake-quant block (LSQ moves a log2 step by a fraction of a unit, so the snap alone gives the
+  start back).
   Where the RAPQ code slips (read for this pass): its exponent is never made an integer (the hard
   branch reuses the soft value and is frozen after 500 iterations), activation steps are neither
   snapped nor, in fact, learned, and zero points stay float; here every step that lowers is a power
@@ -102,6 +105,8 @@ class _Reconstructor:
         self.snapped: set[str] = set()            # FakeQuant targets whose step is final
         self.gen = torch.Generator().manual_seed(ctx.seed)
         self.history: list[dict] = []
+        self.learned: dict[str, list[fx.Node]] = {}   # per block name: its learned activation steps
+        self.current = ""
 
     # -- training modules for one block --------------------------------------------------------------
     def _learnable(self, node: fx.Node, inside: set) -> bool:
@@ -138,9 +143,44 @@ class _Reconstructor:
                 wrapped[node.target] = m
         return wrapped, acts, group_params
 
+    def search_acts(self, block: Block, xq: torch.Tensor, yf: torch.Tensor, p: float) -> list[str]:
+        """After a block is learned and written back: each activation step it learned (one share group
+        after another, in graph order) takes the power of two within ``act_search`` of its snapped value
+        that gives the least loss of the real fake-quant block on the first cached samples. LSQ moves a
+        log2 step by a fraction of a unit in the warm-up, so its snap alone almost always gives the start
+        back; scoring with the final weights (not the warm-up's) keeps 2-bit rounding from steering it.
+        Returns the changes, for the note."""
+        radius, changed = self.opts.act_search, []
+        if radius == 0:
+            return changed
+        x, y = xq[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES]
+        sub = _block_fn(self.gm, block)
+        acc_bits = self.ctx.target.acc_bits
+        done: set[str] = set()
+        for node in self.learned.pop(block.name, []):
+            if node.target in done:
+                continue
+            group = share_group(self.gm, node)
+            done.update(g.target for g in group)
+            start = self.modules[node.target].fmt.frac
+            formats = self._weight_formats()      # a finer candidate may coarsen a consumer (bias cap)
+            losses = {}
+            for frac in range(start - radius, start + radius + 1):
+                self._set_weight_formats(formats)
+                set_activation_frac(self.gm, node, frac, acc_bits)
+                losses[frac] = float(_lp_loss(_run_chunks(sub, x), y, p))
+            best = min(losses, key=lambda f: (losses[f], abs(f - start)))
+            self._set_weight_formats(formats)
+            set_activation_frac(self.gm, node, best, acc_bits)
+            if best != start:
+                changed.append(f"{node.name} 2^{-start} -> 2^{-best}")
+        sync_weight_meta(self.gm)
+        return changed
+
     def _snap_acts(self, acts: dict, wrapped: dict) -> None:
         """Every learned activation step becomes the nearest power of two, for good."""
         for key, (node, group) in list(acts.items()):
+            self.learned.setdefault(self.current, []).append(node)
             log2_step = float(wrapped[node.target].log2_step.detach())
             set_activation_frac(self.gm, node, -int(round(log2_step)), self.ctx.target.acc_bits)
             for g in group:
@@ -152,6 +192,7 @@ class _Reconstructor:
     # -- one block ---------------------------------------------------------------------------------
     def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str) -> None:
         opts = self.opts
+        self.current = block.name
         wrapped, acts, group_params = self._wrappers(block)
         train = fx.GraphModule(wrapped, block_graph(block))
         soft = [m for m in wrapped.values() if isinstance(m, SoftLayer)]
@@ -194,23 +235,30 @@ class _Reconstructor:
         for m in soft:
             self._write_back(m)
 
+    def _weight_formats(self) -> dict:
+        return {name: m.w_fmt for name, m in self.modules.items() if isinstance(m, _QWeighted)}
+
+    def _set_weight_formats(self, formats: dict) -> None:
+        for name, fmt in formats.items():
+            if self.modules[name].w_fmt != fmt:
+                self.modules[name].set_weight_format(fmt)
+
     def snapshot(self, block: Block) -> dict:
-        """What reconstructing ``block`` may change: its layers' weights and formats, its activation steps."""
-        layers = {n: (self.modules[n].weight_q.clone(), self.modules[n].w_fmt) for n in block.layers}
+        """What reconstructing ``block`` may change: its layers' weights, its activation steps, and the
+        weight formats of every layer (a consumer outside the block may be coarsened by the bias cap
+        when an activation step it reads gets finer)."""
+        layers = {n: self.modules[n].weight_q.clone() for n in block.layers}
         acts = {n.name: (n, self.modules[n.target].fmt.frac) for n in block.nodes
                 if n.op == "call_module" and isinstance(self.modules[n.target], FakeQuant)}
-        return {"layers": layers, "acts": acts}
+        return {"layers": layers, "acts": acts, "formats": self._weight_formats()}
 
     def restore(self, saved: dict) -> None:
-        for name, (weight_q, fmt) in saved["layers"].items():
-            layer = self.modules[name]
-            layer.weight_q.copy_(weight_q)
-            layer.set_weight_format(fmt)
+        for name, weight_q in saved["layers"].items():
+            self.modules[name].weight_q.copy_(weight_q)
         for node, frac in saved["acts"].values():
             if self.modules[node.target].fmt.frac != frac:
                 set_activation_frac(self.gm, node, frac, self.ctx.target.acc_bits)
-        for name, (_, fmt) in saved["layers"].items():       # after the inputs' steps are back
-            self.modules[name].set_weight_format(fmt)
+        self._set_weight_formats(saved["formats"])           # after the inputs' steps are back
 
     def _write_back(self, soft: SoftLayer) -> None:
         layer = soft.layer
@@ -258,6 +306,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         saved = rec.snapshot(block)
         rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
         with torch.no_grad():
+            searched = rec.search_acts(block, xq, yf, p)
             sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
             xq_next = _run_chunks(sub, xq)
             after = float(_lp_loss(xq_next[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES], p))
@@ -270,9 +319,11 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             set_quantization(gm, True)
         xq = xq_next
         rec.history.append({"block": block.name, "layers": list(block.layers), "iters": iters, "p": p,
-                            "loss_before": before, "loss_after": after, "kept": kept})
+                            "loss_before": before, "loss_after": after, "kept": kept,
+                            "act_steps_searched": searched if kept else []})
         summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}"
-                       + ("" if kept else " (worse: reverted)"))
+                       + ("" if kept else " (worse: reverted)")
+                       + (f" [steps {', '.join(searched)}]" if searched and kept else ""))
     sync_weight_meta(gm)
     ctx.reconstruct_history = rec.history
     ctx.note(f"reconstruct ({opts.mode}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "

@@ -34,6 +34,7 @@ from fxq.zoo import efficientnet_lite  # noqa: E402
 from bench import write_readme_block  # noqa: E402
 
 README_BEGIN, README_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
+LOWBIT_BEGIN, LOWBIT_END = "<!-- effnet-lowbit:begin -->", "<!-- effnet-lowbit:end -->"
 # (label, target, bits, overrides); rows use fxq's default bias correction ("weights") unless they say not.
 FXQ_CONFIGS = [
     ("fxq shift-int", "shift-int", "W8A8", {}),
@@ -92,14 +93,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--no-readme", action="store_true", help="never write README.md (partial runs never do)")
     p.add_argument("--lowbit", action="store_true", help="run the Hessian-search/reconstruction rows instead of "
-                   "the targets (implies --skip-baselines; writes bench_efficientnet_lowbit.md/.json)")
+                   "the targets and baselines (writes bench_efficientnet_lowbit.md/.json and README's effnet-lowbit "
+                   "block)")
     args = p.parse_args(argv)
     cli_args = sys.argv[1:] if argv is None else list(argv)
     t_start = time.perf_counter()
-    if args.lowbit:
-        args.skip_baselines = True
     partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
                or args.ort_configs is not None)
+    if args.lowbit:                  # its own table and README block; the baselines are the other table's
+        args.skip_baselines = True
     ort_configs = baselines.ort_configs()
     unknown = sorted(set(args.ort_configs or ()) - set(ort_configs))
     if unknown:
@@ -197,10 +199,10 @@ def main(argv=None):
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
     if not args.no_readme and not partial:
-        write_readme_block(md, README_BEGIN, README_END)
+        write_readme_block(md, *((LOWBIT_BEGIN, LOWBIT_END) if args.lowbit else (README_BEGIN, README_END)))
     elif partial and not args.no_readme:
         print("partial run (--calib/--limit/--skip-baselines/--no-exact/--ort-configs): README.md left alone", flush=True)
-    print(f"\nwrote {args.out / 'bench_efficientnet.md'} and .json; {meta['total_seconds']:.0f} s in all")
+    print(f"\nwrote {args.out / (stem + '.md')} and .json; {meta['total_seconds']:.0f} s in all")
     print("\n" + md)
 
 

@@ -10,7 +10,8 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - + Hessian search: the naive start, steps re-chosen by the gradient-weighted error;
 - + float-scale reconstruction: AdaRound on the int8 target at the same bits (dyadic 8-bit-mantissa
   scales, i.e. float scales to 0.4%; affine activations), the BRECQ/AdaRound-style reference;
-- + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options).
+- + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options);
+  and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -56,6 +57,8 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
          {**bits, "reconstruct": {**recon, "mode": "adaround"}}),
         ("+ RAPQ power-of-two reconstruction", "shift-int",
          {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+        ("+ RAPQ power-of-two reconstruction, activation step search ±1", "shift-int",
+         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "act_search": 1}}),
     ]
 
 
@@ -73,6 +76,8 @@ def bench_model(name, calib_x, test_x, test_y, args) -> list[dict]:
     recon = {"iters": args.iters} if args.iters else {}
     for bits_name in args.bits:
         for label, target, kwargs in methods(BITS[bits_name], recon):
+            if args.methods and not any(label.startswith(m) for m in args.methods):
+                continue
             t0 = time.perf_counter()
             qm = fxq.compile(model, calib_x, target, progress=False, **kwargs)
             secs = time.perf_counter() - t0
@@ -131,6 +136,8 @@ def main(argv=None):
     p.add_argument("--exact", type=int, default=2000, help="test images the three executors are compared on")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 each when models run side by side)")
+    p.add_argument("--methods", nargs="+", metavar="PREFIX",
+                   help="only the rows whose label starts with one of these (e.g. '+ RAPQ'); a part to merge")
     p.add_argument("--part", metavar="NAME", help="write docs/bench_lowbit_NAME.json only (merge with --merge)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="combine part files into docs/bench_lowbit.md/.json and the README block")
@@ -152,7 +159,8 @@ def main(argv=None):
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "test_images": len(test_x),
             "calib_images": len(calib_x), "exact_images": min(args.exact, len(test_x)),
             "recon": f"{opts.iters} iterations per block, batch {opts.batch}, {opts.samples} samples, "
-                     f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff})"}
+                     f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff}), activation step search "
+                     f"{f'±{opts.act_search}' if opts.act_search else 'off'} (but in its own rows)"}
     args.out.mkdir(exist_ok=True)
     if args.part:
         meta["command"] = "python tools/bench_lowbit.py " + " ".join(sys.argv[1:])
@@ -168,7 +176,8 @@ def main(argv=None):
 
 
 def merge(parts: list[Path], out: Path) -> None:
-    """One table from part files run side by side (each with its own command, recorded in the table)."""
+    """One table from part files run side by side (each with its own command, recorded in the table).
+    A row measured in more than one part comes from the first part that has it."""
     loaded = [json.loads(p.read_text()) for p in parts]
     rows, seen = [], set()
     for d in loaded:
@@ -178,8 +187,9 @@ def merge(parts: list[Path], out: Path) -> None:
                 seen.add(key)
                 rows.append(r)
     order = {b: i for i, b in enumerate(["W32A32", *BITS])}
+    labels = ["FP32"] + [label for label, _, _ in methods({}, {})]
     models = list(dict.fromkeys(r["model"] for r in rows))
-    rows.sort(key=lambda r: (models.index(r["model"]), order[r["bits"]]))
+    rows.sort(key=lambda r: (models.index(r["model"]), order[r["bits"]], labels.index(r["method"])))
     meta = dict(loaded[0]["meta"])
     meta["recon"] = "; ".join(
         f"{d['meta']['recon']} ({' '.join(dict.fromkeys(r['model'] + ' ' + r['bits'] for r in d['rows'] if r['bits'] != 'W32A32'))})"

@@ -246,3 +246,80 @@ def test_snapshot_and_restore_put_a_block_back():
         assert not torch.equal(gm(X[:8]), ref)
         rec.restore(saved)
         assert torch.equal(gm(X[:8]), ref)
+
+
+def _block_io(gm, block, x):
+    """The block's quantized input (its input cut's output) and the float block's output on it."""
+    from fxq.blocks import block_graph
+    import torch.fx as fx
+    seen = {}
+    handle = gm.get_submodule(block.input.target).register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    with torch.no_grad():
+        gm(x)
+    handle.remove()
+    sub = fx.GraphModule(gm, block_graph(block))
+    set_quantization(gm, False)
+    with torch.no_grad():
+        y = sub(seen["x"])
+    set_quantization(gm, True)
+    return seen["x"], y
+
+
+def test_activation_step_search_takes_the_neighbour_with_least_block_loss():
+    """LSQ alone moves a log2 step by a fraction of a unit, so its snap gives the start back; the search
+    after the block is learned moves it to the power of two with the least loss of the real block."""
+    import torch.fx as fx
+    from fxq.blocks import block_graph
+    from fxq.passes.reconstruct import _lp_loss, _Reconstructor
+    from fxq.tuning import set_activation_frac
+    gm, ctx = fake_model(tiny("inverted_residual"), w_bits=4, a_bits=4)
+    rec = _Reconstructor(gm, ctx, ReconstructOptions(**QUICK, act_search=1))
+    block = next(b for b in split_blocks(gm) if rec._wrappers(b)[1])
+    node = next(iter(rec._wrappers(block)[1].values()))[0]
+    start = gm.get_submodule(node.target).fmt.frac
+    set_activation_frac(gm, node, start + 3, ctx.target.acc_bits)      # 8x too fine a step: most values clip
+    rec.learned[block.name] = [node]
+    xq, yf = _block_io(gm, block, X)
+    changed = rec.search_acts(block, xq, yf, 2.0)
+    chosen = gm.get_submodule(node.target).fmt.frac
+    assert chosen == start + 2 and changed                               # one power of two coarser: radius 1
+    sub = fx.GraphModule(gm, block_graph(block))
+    losses = {}
+    with torch.no_grad():
+        for frac in (start + 4, start + 3, start + 2):
+            set_activation_frac(gm, node, frac, ctx.target.acc_bits)
+            losses[frac] = float(_lp_loss(sub(xq), yf, 2.0))
+    assert losses[chosen] == min(losses.values()) and losses[start + 2] < losses[start + 3]
+    assert rec.search_acts(block, xq, yf, 2.0) == []                     # each block's steps are searched once
+
+
+def test_act_search_option_is_checked():
+    with pytest.raises(CalibrationError, match="act_search=9"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"act_search": 9})
+
+
+def test_frozen_quant_after_a_dyadic_add_works_in_values():
+    """On int8 the FakeQuant after a residual add takes the QAdd's integer sum; its training wrapper must
+    still pass values (QDrop's float elements) and a unit gradient, not the integer sum."""
+    from fxq.fakequant import FakeQuant, QAdd
+    from fxq.relaxed import FrozenQuant
+    gm, _ = fake_model(tiny("residual"), "int8", w_bits=4)
+    add = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QAdd))
+    fq_node = next(iter(add.users))
+    qadd, fq = gm.get_submodule(add.target), gm.get_submodule(fq_node.target)
+    assert isinstance(fq, FakeQuant) and fq.requant is not None
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 8, 6, 6, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.rand(4, 8, 6, 6, generator=g, dtype=torch.float64)
+    w_add, w_fq = FrozenQuant(qadd, 0.0, g), FrozenQuant(fq, 0.0, g)
+    with torch.no_grad():
+        assert torch.equal(w_fq(w_add(a, b)), fq(qadd(a, b)))           # forward: the real modules
+    out = w_fq(w_add(a, b))
+    out.sum().backward()
+    inside = ((a + b) > 0) & ((a + b) < fq.fmt.range.hi * fq.fmt.step)
+    assert torch.allclose(a.grad[inside], torch.ones_like(a.grad[inside]), rtol=0.02)   # d out / d a ~ 1
+    drop = FrozenQuant(fq, 0.999, g).train()                           # QDrop keeps (almost) every float value
+    with torch.no_grad():
+        kept = drop(w_add(a, b))
+    err = (kept - torch.clamp(a + b, *fq.fmt.clamp)).abs()
+    assert float(err.detach().max()) < fq.fmt.step
