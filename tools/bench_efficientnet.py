@@ -119,10 +119,11 @@ def main(argv=None):
     top1 = fp32.argmax(1)
     rows, notes = [], []
 
-    def add(method, bits, logits, seconds, exact=None):
+    def add(method, bits, logits, seconds, exact=None, pass_notes=()):
         agree = round(100.0 * float((logits.argmax(1) == top1).mean()), 2)
         rows.append({"method": method, "bits": bits, "top1_agreement": agree,
-                     "logit_sqnr_db": round(sqnr_db(fp32, logits), 2), "seconds": round(seconds, 1), "exact": exact})
+                     "logit_sqnr_db": round(sqnr_db(fp32, logits), 2), "seconds": round(seconds, 1), "exact": exact,
+                     "notes": list(pass_notes)})
         print(f"  {method:<52} {bits:<5} agree {agree:6.2f}%  SQNR {rows[-1]['logit_sqnr_db']:6.2f} dB  "
               f"{seconds:6.1f} s  exact {exact}", flush=True)
 
@@ -149,7 +150,8 @@ def main(argv=None):
         if not args.no_exact:
             codes, exec_secs = executor_codes(qm, eval_x[: args.exact_crops], batch=BATCH)
             exact = round(100.0 * float(agreeing(codes).mean()), 2)
-        add(label, bits, logits, secs, exact)
+        add(label, bits, logits, secs, exact,       # what the calibration passes did, per block (JSON only)
+            [n for n in qm.notes if n.startswith(("reconstruct", "hessian", "bias correction"))])
         print(f"    eval (fake-quant float32) {t_eval:.1f} s; exactness check "
               + (", ".join(f"{k} {v:.1f} s" for k, v in exec_secs.items()) or "skipped"), flush=True)
 

@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def main(argv=None):
     full = argv is None and len(sys.argv) == 1
     opts = fxq.ReconstructOptions(**({"iters": args.iters} if args.iters else {}))
     meta = {"date": dt.date.today().isoformat(), "command": "make bench" if full
-            else "python tools/bench_lowbit.py " + " ".join(sys.argv[1:]),
+            else "python tools/bench_lowbit.py " + shlex.join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "test_images": len(test_x),
             "calib_images": len(calib_x), "exact_images": min(args.exact, len(test_x)),
@@ -163,7 +164,7 @@ def main(argv=None):
                      f"{f'±{opts.act_search}' if opts.act_search else 'off'} (but in its own rows)"}
     args.out.mkdir(exist_ok=True)
     if args.part:
-        meta["command"] = "python tools/bench_lowbit.py " + " ".join(sys.argv[1:])
+        meta["command"] = "python tools/bench_lowbit.py " + shlex.join(sys.argv[1:])
         (args.out / f"bench_lowbit_{args.part}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return
     md = markdown(rows, meta)
