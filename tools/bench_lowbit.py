@@ -11,7 +11,8 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - + float-scale reconstruction: AdaRound on the int8 target at the same bits (dyadic 8-bit-mantissa
   scales, i.e. float scales to 0.4%; affine activations), the BRECQ/AdaRound-style reference;
 - + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options);
-  and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss).
+  and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss),
+  or with a 4x rounding learning rate (``lr=4e-3``).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -60,6 +61,8 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
          {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, activation step search ±1", "shift-int",
          {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "act_search": 1}}),
+        ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3", "shift-int",
+         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
     ]
 
 
