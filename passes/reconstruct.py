@@ -105,8 +105,6 @@ class _Reconstructor:
         self.snapped: set[str] = set()            # FakeQuant targets whose step is final
         self.gen = torch.Generator().manual_seed(ctx.seed)
         self.history: list[dict] = []
-        self.learned: dict[str, list[fx.Node]] = {}   # per block name: its learned activation steps
-        self.current = ""
 
     # -- training modules for one block --------------------------------------------------------------
     def _learnable(self, node: fx.Node, inside: set) -> bool:
@@ -143,9 +141,10 @@ class _Reconstructor:
                 wrapped[node.target] = m
         return wrapped, acts, group_params
 
-    def search_acts(self, block: Block, xq: torch.Tensor, yf: torch.Tensor, p: float) -> list[str]:
-        """After a block is learned and written back: each activation step it learned (one share group
-        after another, in graph order) takes the power of two within ``act_search`` of its snapped value
+    def search_acts(self, block: Block, learned: list[fx.Node], xq: torch.Tensor, yf: torch.Tensor,
+                    p: float) -> list[str]:
+        """After a block is learned and written back: each activation step it learned (``learned``: one
+        node per share group, in graph order) takes the power of two within ``act_search`` of its snapped value
         that gives the least loss of the real fake-quant block on the first cached samples. LSQ moves a
         log2 step by a fraction of a unit in the warm-up, so its snap alone almost always gives the start
         back; scoring with the final weights (not the warm-up's) keeps 2-bit rounding from steering it.
@@ -156,12 +155,7 @@ class _Reconstructor:
         x, y = xq[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES]
         sub = _block_fn(self.gm, block)
         acc_bits = self.ctx.target.acc_bits
-        done: set[str] = set()
-        for node in self.learned.pop(block.name, []):
-            if node.target in done:
-                continue
-            group = share_group(self.gm, node)
-            done.update(g.target for g in group)
+        for node in learned:
             start = self.modules[node.target].fmt.frac
             formats = self._weight_formats()      # a finer candidate may coarsen a consumer (bias cap)
             losses = {}
@@ -180,7 +174,6 @@ class _Reconstructor:
     def _snap_acts(self, acts: dict, wrapped: dict) -> None:
         """Every learned activation step becomes the nearest power of two, for good."""
         for key, (node, group) in list(acts.items()):
-            self.learned.setdefault(self.current, []).append(node)
             log2_step = float(wrapped[node.target].log2_step.detach())
             set_activation_frac(self.gm, node, -int(round(log2_step)), self.ctx.target.acc_bits)
             for g in group:
@@ -190,10 +183,12 @@ class _Reconstructor:
         acts.clear()
 
     # -- one block ---------------------------------------------------------------------------------
-    def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str) -> None:
+    def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str) -> list[fx.Node]:
+        """Learns ``block`` and writes it back; returns its learned activation steps, one node per share
+        group."""
         opts = self.opts
-        self.current = block.name
         wrapped, acts, group_params = self._wrappers(block)
+        learned = [node for node, _ in acts.values()]
         train = fx.GraphModule(wrapped, block_graph(block))
         soft = [m for m in wrapped.values() if isinstance(m, SoftLayer)]
         params = [{"params": [m.V for m in soft], "lr": opts.lr}]
@@ -234,6 +229,7 @@ class _Reconstructor:
         self._snap_acts(acts, wrapped)
         for m in soft:
             self._write_back(m)
+        return learned
 
     def _weight_formats(self) -> dict:
         return {name: m.w_fmt for name, m in self.modules.items() if isinstance(m, _QWeighted)}
@@ -304,9 +300,9 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if opts.time_budget is not None:
             iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i)
         saved = rec.snapshot(block)
-        rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
+        learned = rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
         with torch.no_grad():
-            searched = rec.search_acts(block, xq, yf, p)
+            searched = rec.search_acts(block, learned, xq, yf, p)
             sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
             xq_next = _run_chunks(sub, xq)
             after = float(_lp_loss(xq_next[:_EVAL_SAMPLES], yf[:_EVAL_SAMPLES], p))

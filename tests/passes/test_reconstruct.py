@@ -278,9 +278,8 @@ def test_activation_step_search_takes_the_neighbour_with_least_block_loss():
     node = next(iter(rec._wrappers(block)[1].values()))[0]
     start = gm.get_submodule(node.target).fmt.frac
     set_activation_frac(gm, node, start + 3, ctx.target.acc_bits)      # 8x too fine a step: most values clip
-    rec.learned[block.name] = [node]
     xq, yf = _block_io(gm, block, X)
-    changed = rec.search_acts(block, xq, yf, 2.0)
+    changed = rec.search_acts(block, [node], xq, yf, 2.0)
     chosen = gm.get_submodule(node.target).fmt.frac
     assert chosen == start + 2 and changed                               # one power of two coarser: radius 1
     sub = fx.GraphModule(gm, block_graph(block))
@@ -290,7 +289,19 @@ def test_activation_step_search_takes_the_neighbour_with_least_block_loss():
             set_activation_frac(gm, node, frac, ctx.target.acc_bits)
             losses[frac] = float(_lp_loss(sub(xq), yf, 2.0))
     assert losses[chosen] == min(losses.values()) and losses[start + 2] < losses[start + 3]
-    assert rec.search_acts(block, xq, yf, 2.0) == []                     # each block's steps are searched once
+
+
+def test_block_returns_the_steps_it_learned_one_per_share_group():
+    """What the search after a block gets: each share group it learned once, and then final."""
+    from fxq.passes.reconstruct import _Reconstructor
+    gm, ctx = fake_model(tiny("inverted_residual"), w_bits=4, a_bits=4)
+    rec = _Reconstructor(gm, ctx, ReconstructOptions(**QUICK))
+    block = next(b for b in split_blocks(gm) if rec._wrappers(b)[1])
+    groups = {key: node for key, (node, _) in rec._wrappers(block)[1].items()}
+    xq, yf = _block_io(gm, block, X)
+    learned = rec.block(block, xq, xq, yf, 4, "test")
+    assert learned == list(groups.values())
+    assert not rec._wrappers(block)[1]                                   # snapped: no step of it is learned again
 
 
 def test_act_search_option_is_checked():
