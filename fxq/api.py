@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext, ReconstructOptions
+from .context import BIAS_CORRECTION_AUTO, BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext, ReconstructOptions
 from .errors import CalibrationError, InputError, LoadError
 from .formats import codes_of
 from .ir import Graph
@@ -44,7 +44,7 @@ def _as_batches(calib_data, batch_size: int) -> list[torch.Tensor] | None:
 def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int", *,
             example_input: torch.Tensor | None = None, input_shape: tuple | None = None,
             input_range: tuple[float, float] | None = None, progress: bool = True, seed: int = 0,
-            calib_batch_size: int = 64, bias_correction: str | bool | None = "weights",
+            calib_batch_size: int = 64, bias_correction: str | bool | None = "auto",
             bias_correction_samples: int = 128, search: str | None = None, search_samples: int = 32,
             reconstruct=None, **overrides) -> "QuantizedModel":
     """Quantize ``model`` for ``target``; returns a QuantizedModel (fake-quant, IR, backends).
@@ -54,7 +54,9 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     and preferably ``input_range``). ``overrides`` replace target fields (``w_bits=4`` ...).
     ``bias_correction``: once formats are fixed, cancel each conv/linear's mean output error on
     ``bias_correction_samples`` calibration samples (0: all): "weights" (its own rounding error),
-    "empirical" (also the error from upstream), or None/False; it needs calibration data.
+    "empirical" (also the error from upstream), "checked" (empirical, kept only if the output gets
+    closer to the float model's), None/False, or "auto"/True: "weights", and "checked" with
+    ``reconstruct`` (whose learned rounding "weights" would undo); it needs calibration data.
     ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
     (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all).
     ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
@@ -65,13 +67,13 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     from .passes.calibrate import check_batches
 
     tgt = get_target(target, **overrides)
-    bias_correction = _bias_correction_mode(bias_correction)
+    reconstruct = ReconstructOptions.from_user(reconstruct)
+    bias_correction = _bias_correction_mode(bias_correction, reconstruct is not None)
     if not isinstance(bias_correction_samples, int) or isinstance(bias_correction_samples, bool) \
             or bias_correction_samples < 0:
         raise CalibrationError(f"bias_correction_samples={bias_correction_samples!r} must be an integer >= 0 "
                                f"(0: every calibration sample)")
     search = _search_mode(search, search_samples, calib_data)
-    reconstruct = ReconstructOptions.from_user(reconstruct)
     if reconstruct is not None and calib_data is None:
         raise CalibrationError("reconstruct needs calibration data: it fits each block's quantized output to "
                                "the float block's on real samples")
@@ -114,14 +116,15 @@ def _search_mode(mode, samples, calib_data) -> str | None:
     return mode
 
 
-def _bias_correction_mode(mode) -> str | None:
+def _bias_correction_mode(mode, reconstructed: bool) -> str | None:
     if mode is None or mode is False:
         return None
-    if mode is True:
-        return BIAS_CORRECTION_MODES[0]
+    if mode is True or mode == "auto":
+        return BIAS_CORRECTION_AUTO["reconstructed" if reconstructed else "plain"]
     if mode not in BIAS_CORRECTION_MODES:
-        raise CalibrationError(f"bias_correction={mode!r} must be one of {BIAS_CORRECTION_MODES}, True "
-                               f"(= {BIAS_CORRECTION_MODES[0]!r}) or None/False (off)")
+        raise CalibrationError(f"bias_correction={mode!r} must be one of {BIAS_CORRECTION_MODES}, \"auto\"/True "
+                               f"(the default: {BIAS_CORRECTION_AUTO['plain']!r}, {BIAS_CORRECTION_AUTO['reconstructed']!r} "
+                               f"with reconstruct) or None/False (off)")
     return mode
 
 

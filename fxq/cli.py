@@ -41,8 +41,9 @@ def _parse_overrides(items: tuple[str, ...]) -> dict:
 
 
 _bias_correction_option = click.option(
-    "--bias-correction", type=click.Choice([*BIAS_CORRECTION_MODES, "off"]), default=BIAS_CORRECTION_MODES[0],
-    show_default=True, help="Cancel each layer's mean output error on calibration data.")
+    "--bias-correction", type=click.Choice(["auto", *BIAS_CORRECTION_MODES, "off"]), default="auto",
+    show_default=True, help="Cancel each layer's mean output error on calibration data (auto: weights, or "
+                            "checked after --reconstruct).")
 
 
 _search_option = click.option(

@@ -8,8 +8,12 @@ import torch
 from .errors import CalibrationError
 from .targets import Target
 
-# What bias_correction measures a layer's error against: its own float weights, or the float model.
-BIAS_CORRECTION_MODES = ("weights", "empirical")
+# What bias_correction measures a layer's error against: its own float weights, or the float model; or
+# the float model, kept only if the network's output gets closer to the float model's ("checked").
+BIAS_CORRECTION_MODES = ("weights", "empirical", "checked")
+# compile()'s default: "weights" alone; "checked" after reconstruct, whose learned rounding is biased on
+# purpose (it compensates the error arriving from upstream) and which "weights" would therefore undo.
+BIAS_CORRECTION_AUTO = {"plain": "weights", "reconstructed": "checked"}
 # How hessian_search scores a candidate step: squared error weighted by the squared task-loss gradient.
 SEARCH_MODES = ("hessian",)
 

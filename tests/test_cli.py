@@ -86,7 +86,9 @@ def test_model_outside_zoo_needs_data(tmp_path):
 
 
 @pytest.mark.parametrize("choice,note", [("weights", "bias correction (weights)"),
-                                         ("empirical", "bias correction (empirical)"), ("off", None)])
+                                         ("empirical", "bias correction (empirical)"),
+                                         ("checked", "bias correction (checked)"),
+                                         ("auto", "bias correction (weights)"), ("off", None)])
 def test_compile_bias_correction_option(tmp_path, choice, note):
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))

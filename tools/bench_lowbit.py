@@ -12,7 +12,10 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
   scales, i.e. float scales to 0.4%; affine activations), the BRECQ/AdaRound-style reference;
 - + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options);
   and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss),
-  or with a 4x rounding learning rate (``lr=4e-3``).
+  or with a 4x rounding learning rate (``lr=4e-3``). These rows and the float-scale row keep
+  ``bias_correction="weights"``, which they were first measured with;
+- the rows "…, checked bias correction" take compile's default after reconstruction ("auto" =
+  "checked": the empirical correction, kept only if the network output gets closer to the float one).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -44,11 +47,17 @@ from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 README_BEGIN, README_END = "<!-- lowbit:begin -->", "<!-- lowbit:end -->"
 EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
 BITS = {"W8A8": {"w_bits": 8, "a_bits": 8}, "W4A4": {"w_bits": 4, "a_bits": 4, **EDGES},
-        "W2A4": {"w_bits": 2, "a_bits": 4, "w_full_range": True, **EDGES}}
+        "W2A4": {"w_bits": 2, "a_bits": 4, "w_full_range": True, **EDGES},
+        # Not in `make bench`: W4A4 split into its weight part and its activation part, to see where a
+        # model's 4-bit loss comes from (`--bits W4A8 W8A4`).
+        "W4A8": {"w_bits": 4, "a_bits": 8, **EDGES}, "W8A4": {"w_bits": 8, "a_bits": 4, **EDGES}}
+MAIN_BITS = ["W8A8", "W4A4", "W2A4"]
 
 
 def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
-    """(row label, target, compile kwargs) for one bit width."""
+    """(row label, target, compile kwargs) for one bit width. Rows whose label names no bias correction
+    use ``"weights"`` (compile's default before ``"auto"``), so they reproduce as first measured."""
+    weights = {"bias_correction": "weights"}
     return [
         ("naive power-of-two (no-clip exponents)", "shift-int",
          {**bits, "exp_search_radius": 0, "bias_correction": None}),
@@ -56,14 +65,25 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
         ("+ Hessian search", "shift-int", {**bits, "exp_search_radius": 0, "bias_correction": None,
                                            "search": "hessian"}),
         ("+ float-scale reconstruction (AdaRound, int8 dyadic scales)", "int8",
-         {**bits, "reconstruct": {**recon, "mode": "adaround"}}),
+         {**bits, **weights, "reconstruct": {**recon, "mode": "adaround"}}),
         ("+ RAPQ power-of-two reconstruction", "shift-int",
-         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, activation step search ±1", "shift-int",
-         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "act_search": 1}}),
+         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "act_search": 1}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3", "shift-int",
+         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
+        # compile's defaults with reconstruct: bias_correction="auto" = "checked"
+        ("+ RAPQ power-of-two reconstruction, checked bias correction", "shift-int",
+         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+        ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction", "shift-int",
          {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
     ]
+
+
+def selected(label: str, wanted: list[str]) -> bool:
+    """``--methods``: a full row label picks that row only; anything else is a prefix."""
+    labels = {lab for lab, _, _ in methods({}, {})}
+    return any(label == m if m in labels else label.startswith(m) for m in wanted)
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> float:
@@ -80,7 +100,7 @@ def bench_model(name, calib_x, test_x, test_y, args) -> list[dict]:
     recon = {"iters": args.iters} if args.iters else {}
     for bits_name in args.bits:
         for label, target, kwargs in methods(BITS[bits_name], recon):
-            if args.methods and not any(label.startswith(m) for m in args.methods):
+            if args.methods and not selected(label, args.methods):
                 continue
             t0 = time.perf_counter()
             qm = fxq.compile(model, calib_x, target, progress=False, **kwargs)
@@ -133,7 +153,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=zoo.names())
-    p.add_argument("--bits", nargs="+", default=list(BITS), choices=list(BITS))
+    p.add_argument("--bits", nargs="+", default=MAIN_BITS, choices=list(BITS))
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per block (default: fxq's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -141,7 +161,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 each when models run side by side)")
     p.add_argument("--methods", nargs="+", metavar="PREFIX",
-                   help="only the rows whose label starts with one of these (e.g. '+ RAPQ'); a part to merge")
+                   help="only these rows: a full label picks that row, anything else is a prefix "
+                        "(e.g. '+ RAPQ'); a part to merge")
     p.add_argument("--part", metavar="NAME", help="write docs/bench_lowbit_NAME.json only (merge with --merge)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="combine part files into docs/bench_lowbit.md/.json and the README block")

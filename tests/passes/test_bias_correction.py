@@ -98,12 +98,58 @@ def test_off_leaves_bias_q_equal_to_bias():
 
 @pytest.mark.parametrize("target,overrides", [("shift-int", {"w_bits": 4}), ("int8", {}),
                                               ("dfp-cluster", {"w_bits": 4})])
-@pytest.mark.parametrize("mode", ["weights", "empirical"])
+@pytest.mark.parametrize("mode", ["weights", "empirical", "checked"])
 def test_corrected_models_stay_three_executor_exact(target, overrides, mode):
     qm = fxq.compile(tiny("inverted_residual"), X, target=target, progress=False, bias_correction=mode,
                      **overrides)
     assert any(f"bias correction ({mode})" in n for n in qm.notes)
     assert_three_executors(qm, X[:16])
+
+
+def _output_error(gm) -> float:
+    with torch.no_grad():
+        set_quantization(gm, False)
+        ref = gm(X)
+        set_quantization(gm, True)
+        return float(((gm(X) - ref) ** 2).sum())
+
+
+@pytest.mark.parametrize("w_bits", [2, 4])
+def test_checked_keeps_the_empirical_correction_only_when_the_output_gets_closer(w_bits):
+    none, _ = fake_model(tiny("inverted_residual"), None, w_bits=w_bits, a_bits=4)
+    emp, _ = fake_model(tiny("inverted_residual"), "empirical", w_bits=w_bits, a_bits=4)
+    checked, c = fake_model(tiny("inverted_residual"), "checked", w_bits=w_bits, a_bits=4)
+    best = emp if _output_error(emp) < _output_error(none) else none
+    for name, m in checked.named_modules():
+        if isinstance(m, _QWeighted):
+            assert torch.equal(m.bias_q, best.get_submodule(name).bias_q), name
+    assert any("bias correction (checked): the empirical correction is " + ("kept" if best is emp else "undone") in n
+               for n in c.notes)
+
+
+def test_checked_puts_every_bias_back_when_the_correction_hurts(monkeypatch):
+    import importlib
+    bc = importlib.import_module("fxq.passes.bias_correction")      # the module, not the pass it exports
+
+    def harmful(gm, ctx, mode):                      # a "correction" that moves every output far away
+        for m in gm.modules():
+            if isinstance(m, _QWeighted):
+                m.bias_q.add_(10.0)
+        return gm
+    monkeypatch.setattr(bc, "_correct", harmful)
+    gm, c = fake_model(tiny("residual"), "checked", w_bits=4)
+    for m in gm.modules():
+        if isinstance(m, _QWeighted):
+            assert torch.equal(m.bias_q, m.bias)      # as insert_fake_quant left them
+    assert any("is undone" in n for n in c.notes)
+
+
+@pytest.mark.parametrize("reconstruct,mode", [(None, "weights"), ({"iters": 4, "samples": 16}, "checked")])
+def test_auto_is_weights_alone_and_checked_after_reconstruct(reconstruct, mode):
+    for value in ("auto", True):
+        qm = fxq.compile(tiny("residual"), X[:16], "shift-int", progress=False, bias_correction=value,
+                         reconstruct=reconstruct)
+        assert any(n.startswith(f"bias correction ({mode})") for n in qm.notes), qm.notes
 
 
 def test_reduces_output_error_at_low_bits():
