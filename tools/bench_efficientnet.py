@@ -49,21 +49,24 @@ FXQ_CONFIGS = [
 # --lowbit: issue 5's rows (Hessian search, RAPQ reconstruction) instead of the targets above.
 # Reconstruction on 240x240 crops is CPU-heavy: a time budget per compile and fewer cached samples.
 EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
-# The reconstruction rows keep bias_correction="weights", which they were first measured with; the
-# "checked" row is compile's default after reconstruction (bias_correction="auto").
+# The reconstruction rows keep bias_correction="weights" and the rounding lr 1e-3, which they were first
+# measured with; the "checked" row takes compile's defaults with reconstruction (bias_correction="auto",
+# lr 4e-3).
 _RECON = {"samples": 128, "batch": 8, "time_budget": 1200}
+_RECON_1E3 = {**_RECON, "lr": 1e-3}
 LOWBIT_CONFIGS = [
     ("fxq shift-int naive (no-clip exponents, no bias correction)", "shift-int", "W8A8",
      {"exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int + Hessian search", "shift-int", "W8A8", {"search": "hessian"}),
     ("fxq shift-int + Hessian search + RAPQ reconstruction", "shift-int", "W8A8",
-     {"search": "hessian", "bias_correction": "weights", "reconstruct": _RECON}),
+     {"search": "hessian", "bias_correction": "weights", "reconstruct": _RECON_1E3}),
     ("fxq shift-int + Hessian search + RAPQ reconstruction, checked bias correction", "shift-int", "W8A8",
      {"search": "hessian", "reconstruct": _RECON}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
-     {"w_bits": 4, "a_bits": 4, **EDGES, "search": "hessian", "bias_correction": "weights", "reconstruct": _RECON}),
+     {"w_bits": 4, "a_bits": 4, **EDGES, "search": "hessian", "bias_correction": "weights",
+      "reconstruct": _RECON_1E3}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration

@@ -13,9 +13,11 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options);
   and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss),
   or with a 4x rounding learning rate (``lr=4e-3``). These rows and the float-scale row keep
-  ``bias_correction="weights"``, which they were first measured with;
+  ``bias_correction="weights"`` and AdaRound's rounding lr 1e-3 (unless named), which they were
+  first measured with;
 - the rows "…, checked bias correction" take compile's default after reconstruction ("auto" =
-  "checked": the empirical correction, kept only if the network output gets closer to the float one).
+  "checked": the empirical correction, kept only if the network output gets closer to the float one);
+  "…, rounding lr 4e-3, checked bias correction" is compile's defaults with ``reconstruct=True``.
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -55,9 +57,11 @@ MAIN_BITS = ["W8A8", "W4A4", "W2A4"]
 
 
 def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
-    """(row label, target, compile kwargs) for one bit width. Rows whose label names no bias correction
-    use ``"weights"`` (compile's default before ``"auto"``), so they reproduce as first measured."""
-    weights = {"bias_correction": "weights"}
+    """(row label, target, compile kwargs) for one bit width. Each row pins the options it was first
+    measured with where fxq's defaults have moved since: rows that name no bias correction use
+    ``"weights"``, rows that name no rounding lr use 1e-3. The row "…, rounding lr 4e-3, checked bias
+    correction" is compile's defaults with ``reconstruct=True``."""
+    weights, lr1 = {"bias_correction": "weights"}, {"lr": 1e-3}
     return [
         ("naive power-of-two (no-clip exponents)", "shift-int",
          {**bits, "exp_search_radius": 0, "bias_correction": None}),
@@ -65,16 +69,15 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
         ("+ Hessian search", "shift-int", {**bits, "exp_search_radius": 0, "bias_correction": None,
                                            "search": "hessian"}),
         ("+ float-scale reconstruction (AdaRound, int8 dyadic scales)", "int8",
-         {**bits, **weights, "reconstruct": {**recon, "mode": "adaround"}}),
+         {**bits, **weights, "reconstruct": {**recon, **lr1, "mode": "adaround"}}),
         ("+ RAPQ power-of-two reconstruction", "shift-int",
-         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, activation step search ±1", "shift-int",
-         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "act_search": 1}}),
+         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq", "act_search": 1}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3", "shift-int",
          {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
-        # compile's defaults with reconstruct: bias_correction="auto" = "checked"
         ("+ RAPQ power-of-two reconstruction, checked bias correction", "shift-int",
-         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq"}}),
+         {**bits, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction", "shift-int",
          {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
     ]
@@ -124,8 +127,8 @@ def recovered(rows: list[dict]) -> list[str]:
         fp32 = next(r["accuracy"] for r in rows if r["model"] == model and r["bits"] == "W32A32")
         for bits in dict.fromkeys(r["bits"] for r in rows if r["model"] == model and r["bits"] != "W32A32"):
             mine = {r["method"]: r["accuracy"] for r in rows if r["model"] == model and r["bits"] == bits}
-            naive = mine[next(k for k in mine if k.startswith("naive"))]
-            if fp32 - naive <= 0.5:
+            naive = next((v for k, v in mine.items() if k.startswith("naive")), None)
+            if naive is None or fp32 - naive <= 0.5:        # (the W4A8/W8A4 split rows have no naive row)
                 continue
             parts = [f"{k.removeprefix('+ ').split(' (')[0]} {100 * (v - naive) / (fp32 - naive):.0f}%"
                      for k, v in mine.items() if "reconstruction" in k]
