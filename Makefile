@@ -30,7 +30,7 @@ fashion-mnist:
 	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
 # Fashion-MNIST zoo (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py),
-# then the low-bit rows (tools/bench_lowbit.py: Hessian search and reconstruction, ~2 h on 2 cores);
+# then the low-bit rows (tools/bench_lowbit.py: Hessian search and reconstruction, several hours on 2 cores);
 # each writes docs/ and its README block.
 bench: $(STAMP) fashion-mnist photos
 	$(BIN)/python tools/bench.py

@@ -17,7 +17,7 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
   first measured with;
 - the rows "…, checked bias correction" take compile's default after reconstruction ("auto" =
   "checked": the empirical correction, kept only if the network output gets closer to the float one);
-  "…, rounding lr 4e-3, checked bias correction" is compile's defaults with ``reconstruct=True``.
+  with a rounding lr 4e-3, and with activation step search or 3000 iterations where the label says.
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -58,10 +58,12 @@ MAIN_BITS = ["W8A8", "W4A4", "W2A4"]
 
 def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
     """(row label, target, compile kwargs) for one bit width. Each row pins the options it was first
-    measured with where fxq's defaults have moved since: rows that name no bias correction use
-    ``"weights"``, rows that name no rounding lr use 1e-3. The row "…, rounding lr 4e-3, checked bias
-    correction" is compile's defaults with ``reconstruct=True``."""
-    weights, lr1 = {"bias_correction": "weights"}, {"lr": 1e-3}
+    measured with where fxq's defaults have moved since: unless its label names them, bias correction
+    "weights", rounding lr 1e-3 and no activation step search."""
+    weights = {"bias_correction": "weights"}
+    old = {**recon, "lr": 1e-3, "act_search": 0}          # reconstruct options before 2026-12-02
+    new = {**recon, "lr": 4e-3, "act_search": 0}
+    rapq = {"search": "hessian"}
     return [
         ("naive power-of-two (no-clip exponents)", "shift-int",
          {**bits, "exp_search_radius": 0, "bias_correction": None}),
@@ -69,17 +71,21 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
         ("+ Hessian search", "shift-int", {**bits, "exp_search_radius": 0, "bias_correction": None,
                                            "search": "hessian"}),
         ("+ float-scale reconstruction (AdaRound, int8 dyadic scales)", "int8",
-         {**bits, **weights, "reconstruct": {**recon, **lr1, "mode": "adaround"}}),
+         {**bits, **weights, "reconstruct": {**old, "mode": "adaround"}}),
         ("+ RAPQ power-of-two reconstruction", "shift-int",
-         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq"}}),
+         {**bits, **weights, **rapq, "reconstruct": {**old, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, activation step search ±1", "shift-int",
-         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq", "act_search": 1}}),
+         {**bits, **weights, **rapq, "reconstruct": {**old, "mode": "rapq", "act_search": 1}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3", "shift-int",
-         {**bits, **weights, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
+         {**bits, **weights, **rapq, "reconstruct": {**new, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, checked bias correction", "shift-int",
-         {**bits, "search": "hessian", "reconstruct": {**recon, **lr1, "mode": "rapq"}}),
+         {**bits, **rapq, "reconstruct": {**old, "mode": "rapq"}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction", "shift-int",
-         {**bits, "search": "hessian", "reconstruct": {**recon, "mode": "rapq", "lr": 4e-3}}),
+         {**bits, **rapq, "reconstruct": {**new, "mode": "rapq"}}),
+        ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction, activation step search ±1",
+         "shift-int", {**bits, **rapq, "reconstruct": {**new, "mode": "rapq", "act_search": 1}}),
+        ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction, 3000 iterations",
+         "shift-int", {**bits, **rapq, "reconstruct": {**new, "mode": "rapq", "iters": 3000}}),
     ]
 
 
