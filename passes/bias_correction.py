@@ -90,10 +90,13 @@ def _headroom(layer: _QWeighted, acc_bits: int) -> torch.Tensor:
     return torch.from_numpy(max_bias_code(acc_bits) * step).to(layer.bias_q.dtype)
 
 
-def _output_error(gm: fx.GraphModule, x: torch.Tensor, ref: torch.Tensor) -> float:
+def _outputs(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        out = torch.cat([gm(c) for c in x.split(_CHUNK)])
-    return float(((out - ref) ** 2).sum() / max(x.shape[0], 1))
+        return torch.cat([gm(c) for c in x.split(_CHUNK)])
+
+
+def _output_error(gm: fx.GraphModule, x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((_outputs(gm, x) - ref) ** 2).sum() / max(x.shape[0], 1))
 
 
 def bias_correction(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -105,10 +108,9 @@ def bias_correction(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     layers = [m for m in gm.modules() if isinstance(m, _QWeighted)]
     saved = [m.bias_q.clone() for m in layers]
     x = ctx.samples(_CHECK_SAMPLES)
-    with torch.no_grad():
-        set_quantization(gm, False)
-        ref = torch.cat([gm(c) for c in x.split(_CHUNK)])
-        set_quantization(gm, True)
+    set_quantization(gm, False)
+    ref = _outputs(gm, x)
+    set_quantization(gm, True)
     before = _output_error(gm, x, ref)
     _correct(gm, ctx, "empirical")
     after = _output_error(gm, x, ref)

@@ -51,7 +51,7 @@ FXQ_CONFIGS = [
 EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
 # The reconstruction rows keep bias_correction="weights" and the rounding lr 1e-3, which they were first
 # measured with; the "checked" row takes compile's defaults with reconstruction (bias_correction="auto",
-# lr 4e-3).
+# lr 4e-3, act_search 1).
 _RECON = {"samples": 128, "batch": 8, "time_budget": 1200}
 _RECON_1E3 = {**_RECON, "lr": 1e-3}
 LOWBIT_CONFIGS = [

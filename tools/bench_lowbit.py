@@ -10,7 +10,7 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - + Hessian search: the naive start, steps re-chosen by the gradient-weighted error;
 - + float-scale reconstruction: AdaRound on the int8 target at the same bits (dyadic 8-bit-mantissa
   scales, i.e. float scales to 0.4%; affine activations), the BRECQ/AdaRound-style reference;
-- + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (fxq's default options);
+- + RAPQ reconstruction: Hessian search, then power-of-two reconstruction (options as first measured);
   and the same with ``act_search=1`` (each block's learned activation steps re-chosen by block loss),
   or with a 4x rounding learning rate (``lr=4e-3``). These rows and the float-scale row keep
   ``bias_correction="weights"`` and AdaRound's rounding lr 1e-3 (unless named), which they were
@@ -193,8 +193,8 @@ def main(argv=None):
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "test_images": len(test_x),
             "calib_images": len(calib_x), "exact_images": min(args.exact, len(test_x)),
             "recon": f"{opts.iters} iterations per block, batch {opts.batch}, {opts.samples} samples, "
-                     f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff}), activation step search "
-                     f"{f'±{opts.act_search}' if opts.act_search else 'off'} (but in its own rows)"}
+                     f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff}); rounding lr, activation step "
+                     f"search and bias correction per row (its label, tools/bench_lowbit.py)"}
     args.out.mkdir(exist_ok=True)
     if args.part:
         meta["command"] = "python tools/bench_lowbit.py " + shlex.join(sys.argv[1:])
