@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq import islands
 from fxq.errors import ExportError
 from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, codes_of, exp2, onnx_exact_rounding
 from fxq.ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
@@ -150,12 +151,29 @@ class _Builder:
             self.q_double(x, n.out, n.name, 1.0)
         elif n.op is Op.QUANTIZE:
             self.q(ONNX_INPUT, n.out, n.name)
-        elif n.op in WEIGHTED_OPS:
+        elif n.op in WEIGHTED_OPS or n.op is Op.MATMUL_INT:
             users = consumers.get(n.name, [])
             if len(users) != 1 or users[0].op is not Op.REQUANT:
                 raise ExportError(f"IR node %{n.name}: an accumulator must feed exactly one requant to export as QDQ")
+        elif n.op is Op.REQUANT and self.g.node(ins[0]).op is Op.MATMUL_INT:
+            self.matmul(self.g.node(ins[0]), n)
         elif n.op is Op.REQUANT:
             self.weighted(self.g.node(ins[0]), n)
+        elif n.op is Op.FLOAT_ISLAND:
+            self.island(n)
+        elif n.op is Op.CONST:
+            carrier = self._carrier(n.out.dtype)
+            self.const(n.name, (n.consts["codes"].astype(np.int64) + carrier[2]).astype(carrier[1]))
+        elif n.op is Op.PERMUTE:
+            self.node("Transpose", [ins[0]], n.name, perm=list(n.attrs["perm"]))
+        elif n.op is Op.SELECT:
+            index = self.const(f"{n.name}_index", np.array(n.attrs["index"], np.int64))
+            self.node("Gather", [ins[0], index], n.name, axis=int(n.attrs["axis"]))
+        elif n.op is Op.EXPAND_BATCH:
+            batch = self.node("Shape", [ins[1]], f"{n.name}_batch", start=0, end=1)
+            rest = self.const(f"{n.name}_dims", np.array(n.out.shape[1:], np.int64))
+            shape = self.node("Concat", [batch, rest], f"{n.name}_shape", axis=0)
+            self.node("Expand", [ins[0], shape], n.name)
         elif n.op is Op.ADD_INT and "multipliers" in n.attrs:
             terms = []
             for i, (x, m) in enumerate(zip(ins, n.attrs["multipliers"])):
@@ -196,6 +214,64 @@ class _Builder:
             self.node("DequantizeLinear", [ins[0], step, self.zero_point(t.dtype, t.zp)], ONNX_OUTPUT)
         else:
             raise ExportError(f"IR node %{n.name}: the ONNX exporter has no form for op {n.op.value}")
+
+    def matmul(self, acc: Node, rq: Node) -> None:
+        """Both operands' exact values (codes times powers of two) multiplied in float64, where every
+        partial sum is exact below 2**53; then the requant's rounding, in float64 as well."""
+        a, b = (self.node("Cast", [self.dq(i)], f"{acc.name}_{tag}_f64", to=TensorProto.DOUBLE)
+                for i, tag in zip(acc.inputs, "ab"))
+        product = self.node("MatMul", [a, b], f"{acc.name}_f64")
+        self.q_double(product, rq.out, rq.name, self.requant_factor(rq, int(acc.out.frac)))
+
+    def island(self, n: Node) -> None:
+        """Dequantize, the function in float64 with fxq.islands' formula, quantize (see fxq.islands)."""
+        x = self.node("Cast", [self.dq(n.inputs[0])], f"{n.name}_in_f64", to=TensorProto.DOUBLE)
+        mant = int(self.types[n.inputs[0]].mant)
+        if mant != 1:                  # dq leaves a dyadic step's mantissa out; the function needs the value
+            x = self.node("Mul", [x, self.f64(f"{n.name}_in_mant", float(mant))], f"{n.name}_in_value")
+        fn = n.attrs["fn"]
+        if fn == "softmax":
+            if "mask" in n.consts:
+                x = self.node("Add", [x, self.f64(f"{n.name}_mask", n.consts["mask"])], f"{n.name}_masked")
+            y = self.node("Softmax", [x], f"{n.name}_f64", axis=-1)
+        elif fn == "layer_norm":
+            width = self.types[n.inputs[0]].shape[-1]
+            w = n.consts.get("weight", np.ones(width))
+            b = n.consts.get("bias", np.zeros(width))
+            y = self.node("LayerNormalization", [x, self.f64(f"{n.name}_weight", w), self.f64(f"{n.name}_bias", b)],
+                          f"{n.name}_f64", axis=-1, epsilon=float(n.attrs["eps"]))
+        else:
+            y = self.gelu(x, n.name, n.attrs.get("approximate", "none"))
+        out = n.out
+        if out.dyadic:
+            y = self.node("Mul", [y, self.f64(f"{n.name}_pow2", exp2(out.frac))], f"{n.name}_times_pow2")
+            self.q_double(self.node("Div", [y, self.f64(f"{n.name}_mant", out.mant)], f"{n.name}_over_mant"),
+                          out, n.name, 1.0)
+        else:
+            self.q_double(y, out, n.name, exp2(out.frac))
+
+    def gelu(self, x: str, name: str, approximate: str) -> str:
+        """fxq.islands' GELU, op for op in the same order (ONNX Runtime has no float64 Erf)."""
+        k = iter(range(100))
+
+        def op(kind, *ins):
+            return self.node(kind, list(ins), f"{name}_gelu{next(k)}")
+
+        def c(v):
+            return self.f64(f"gelu_c_{v!r}".replace("-", "m").replace(".", "p"), v)
+        if approximate == "tanh":
+            cube = op("Mul", op("Mul", op("Mul", c(islands.GELU_TANH_K), x), x), x)
+            inner = op("Mul", c(islands.GELU_TANH_C), op("Add", x, cube))
+            return op("Mul", op("Mul", c(0.5), x), op("Add", c(1.0), op("Tanh", inner)))
+        z = op("Mul", x, c(islands.SQRT_HALF))
+        az = op("Abs", z)
+        t = op("Div", c(1.0), op("Add", c(1.0), op("Mul", c(islands.ERF_P), az)))
+        poly = c(islands.ERF_A[4])
+        for a in islands.ERF_A[3::-1]:
+            poly = op("Add", c(a), op("Mul", t, poly))
+        y = op("Sub", c(1.0), op("Mul", op("Mul", t, poly), op("Exp", op("Neg", op("Mul", az, az)))))
+        erf = op("Where", op("Less", z, c(0.0)), op("Neg", y), y)
+        return op("Mul", op("Mul", c(0.5), x), op("Add", c(1.0), erf))
 
     def weight_dq(self, acc: Node, lo: int = 0, hi: int | None = None, tag: str = "") -> str:
         """Float weights of input channels [lo, hi) (exact: codes times power-of-two or 8-bit fixed-point

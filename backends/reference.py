@@ -12,6 +12,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from fxq.errors import InputError
 from fxq.formats import (FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, dyadic_requant_np, quantize_np,
                          requant_np)
+from fxq import islands
 from fxq.ir import Graph, Node, Op, weight_codes
 
 BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
@@ -200,8 +201,62 @@ class Reshape(OpRun):
         return x.reshape(node.attrs["shape"])
 
 
+class Permute(OpRun):
+    op = Op.PERMUTE
+
+    def run(self, node, x):
+        return x.transpose(node.attrs["perm"])
+
+
+class Select(OpRun):
+    op = Op.SELECT
+
+    def run(self, node, x):
+        return np.take(x, node.attrs["index"], axis=node.attrs["axis"])
+
+
+class ExpandBatch(OpRun):
+    op = Op.EXPAND_BATCH
+
+    def run(self, node, const, like):
+        return np.broadcast_to(const, (like.shape[0],) + const.shape[1:])
+
+
+class Const(OpRun):
+    op = Op.CONST
+
+    def run(self, node):
+        return node.consts["codes"].astype(np.int64)
+
+
+class MatmulInt(OpRun):
+    op = Op.MATMUL_INT
+
+    def run(self, node, a, b):
+        a, b = a - node.attrs.get("a_zp", 0), b - node.attrs.get("b_zp", 0)
+        return _exact_matmul(a, b, node.out.max_abs)
+
+
+class FloatIsland(OpRun):
+    """Dequantize, the function in float64 (fxq.islands, as every executor computes it), quantize."""
+    op = Op.FLOAT_ISLAND
+
+    def run(self, node, x, t=None):
+        a = node.attrs
+        v = (x.astype(np.float64) - t.zp) * t.step
+        if a["fn"] == "softmax":
+            y = islands.softmax_np(v, node.consts.get("mask"))
+        elif a["fn"] == "gelu":
+            y = islands.gelu_np(v, a.get("approximate", "none"))
+        else:
+            y = islands.layer_norm_np(v, node.consts.get("weight"), node.consts.get("bias"), a["eps"])
+        o = node.out
+        return quantize_np(y, o.frac, self.out_range(node), Rounding(a["rounding"]), o.mant, o.zp)
+
+
 OPS = {op: kernel for kernel in (cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt,
-                                                   AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape))
+                                                   AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape,
+                                                   Permute, Select, ExpandBatch, Const, MatmulInt, FloatIsland))
        for op in (kernel.op, *kernel.also)}
 
 
@@ -231,7 +286,7 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         if node.op not in OPS:
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
-        if node.op is Op.DEQUANTIZE:
+        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND):
             env[node.name] = OPS[node.op].run(node, xs[0], t=types[node.inputs[0]])
         else:
             env[node.name] = OPS[node.op].run(node, *xs)

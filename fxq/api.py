@@ -64,6 +64,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     fxq.ReconstructOptions of its options (iters, time_budget, qdrop, ...).
     """
     from .passes import PIPELINE
+    from .passes.expand_attention import ATTENTION_LEAVES
     from .passes.calibrate import check_batches
 
     tgt = get_target(target, **overrides)
@@ -99,7 +100,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
                "statistics, Dropout off). Call model.eval() first to silence this.")
         warnings.warn(msg, stacklevel=2)
         ctx.note(msg)
-    gm = run_passes(trace(model), ctx, PIPELINE)
+    gm = run_passes(trace(model, leaf_types=ATTENTION_LEAVES), ctx, PIPELINE)
     ir = lower(gm, tgt)
     return QuantizedModel(ir, gm, tgt, ctx.notes, reference=model)
 

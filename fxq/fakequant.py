@@ -25,14 +25,17 @@ class DyadicRequant(nn.Module):
     """acc -> round(acc * M * 2**-n): the accumulator is the input value over its step ``src_mant *
     2**-src_frac`` (per channel), which float64 recovers exactly."""
 
-    def __init__(self, src_mant, src_frac, multiplier, shift):
+    def __init__(self, src_mant, src_frac, multiplier, shift, channel_axis: int = 1):
         super().__init__()
+        self.channel_axis = channel_axis         # 1 for conv outputs, -1 for linear ones (tokens: [N, T, C])
         for name, v in (("src_mant", src_mant), ("src_frac", src_frac), ("multiplier", multiplier), ("shift", shift)):
             self.register_buffer(name, torch.as_tensor(np.asarray(v, np.float64)), persistent=False)
 
     def _channels(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = t.to(x.dtype)
-        return t.reshape((1, -1) + (1,) * (x.dim() - 2)) if t.dim() else t
+        if not t.dim() or self.channel_axis == -1:
+            return t
+        return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
     def forward(self, x, rounding: Rounding) -> torch.Tensor:
         acc = torch.round(x * torch.exp2(self._channels(self.src_frac, x)) / self._channels(self.src_mant, x))
@@ -108,6 +111,17 @@ class _QWeighted(nn.Module):
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def output_channels(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (one value per output channel) shaped to broadcast over ``out``: a conv's channels are
+        axis 1, a linear's the last axis (tokens [N, T, C] included)."""
+        if isinstance(self, QConv2d):
+            return v.reshape([1, -1] + [1] * (out.dim() - 2))
+        return v.reshape([1] * (out.dim() - 1) + [-1])
+
+    def non_channel_dims(self, out: torch.Tensor) -> list[int]:
+        axis = 1 if isinstance(self, QConv2d) else out.dim() - 1
+        return [d for d in range(out.dim()) if d != axis]
 
     @property
     def clustered(self) -> bool:

@@ -40,6 +40,12 @@ class Op(str, enum.Enum):
     PAD_INT = "pad_int"            # zero codes around the spatial dims
     CLAMP_INT = "clamp_int"        # codes clamped (standalone ReLU / ReLU6)
     RESHAPE = "reshape"            # codes unchanged, new shape
+    PERMUTE = "permute"            # codes unchanged, axes reordered (the batch axis stays first)
+    SELECT = "select"              # one index along a non-batch axis (x[:, i])
+    EXPAND_BATCH = "expand_batch"  # a batch-1 constant repeated to the batch of the second input
+    CONST = "const"                # constant codes with a leading batch dim of 1 (class token, position embedding)
+    MATMUL_INT = "matmul_int"      # int32 accumulate of codes x codes (two activations, batched over leading axes)
+    FLOAT_ISLAND = "float_island"  # declared by the target: codes -> float64 -> softmax/GELU/LayerNorm -> codes
 
 
 # Ops that accumulate products of codes and constant weights into an int32 accumulator.
@@ -49,7 +55,8 @@ CLUSTER_OPS = frozenset({Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
 # Ops that rescale (their ``shift`` attribute must equal frac_in - frac_out) and round.
 REQUANTIZING = frozenset({Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT})
 # Ops whose output carries the input's codes and format unchanged (up to selection/clamping).
-SAME_FORMAT = frozenset({Op.MAXPOOL_INT, Op.CONCAT_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE})
+SAME_FORMAT = frozenset({Op.MAXPOOL_INT, Op.CONCAT_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.PERMUTE, Op.SELECT,
+                         Op.EXPAND_BATCH})
 SHORT_DTYPE = {"int8": "i8", "uint8": "u8", "int16": "i16", "uint16": "u16", "int32": "i32", "float32": "f32"}
 
 
@@ -230,6 +237,17 @@ class Graph:
             ins.append(f"pads={list(a['pads'])}")
         elif n.op is Op.QUANTIZE:
             ins.append(a["rounding"])
+        elif n.op is Op.PERMUTE:
+            ins.append(f"perm={list(a['perm'])}")
+        elif n.op is Op.SELECT:
+            ins.append(f"axis={a['axis']} index={a['index']}")
+        elif n.op is Op.MATMUL_INT:
+            ins = [f"({t}{-a[k]:+d})" if a.get(k) else t for t, k in zip(ins, ("a_zp", "b_zp"))]
+        elif n.op is Op.FLOAT_ISLAND:
+            fn = a["fn"] + (f"[{a['approximate']}]" if a.get("approximate", "none") != "none" else "")
+            ins += [f"{fn} in f64", a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
+        elif n.op is Op.CONST:
+            ins.append(f"codes[{','.join(map(str, n.consts['codes'].shape))}]")
         return ins
 
     # -- verification ---------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Reads: ``meta[KIND]``, ``meta[ROLE]``, ``meta[ACT_FMT]``, ``meta[SHAPE]`` and the QConv2d/QLinear/
 QAdd/FakeQuant modules that insert_fake_quant left. Each FakeQuant marks where a requantizing op ends:
-its producer (conv/linear accumulator, add, average pool, or the model input) is emitted there with
-the format's shift and clamp, and on dyadic targets the multiplier the FakeQuant holds. Constants are
-the codes the fake-quant modules round to, computed by the same fxq.formats functions.
+its producer (conv/linear/matmul accumulator, add, average pool, float island, constant or the model
+input) is emitted there with the format's shift and clamp, and on dyadic targets the multiplier the
+FakeQuant holds. Constants are the codes the fake-quant modules round to, computed by the same
+fxq.formats functions. A linear layer on tokens ([N, T, D]) runs on rows: its input is reshaped to
+[N*T, D] and its requantized output back, so per-channel shifts stay on axis 1.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.fx as fx
 
 from . import meta
 from .errors import UnsupportedOp, describe_node
+from .walk import attr_value, data_inputs
 from .fakequant import QAdd, QConv2d, QLinear, clamp_codes
 from .formats import ACC_RANGE, quantize_np, storage_dtype
 from .ir import Graph, Node, Op, TensorType
@@ -43,6 +46,7 @@ class _Lowerer:
         self.nodes: list[Node] = []
         self.types: dict[str, TensorType] = {}
         self.name_of: dict[str, str] = {}     # fx node name -> IR tensor name
+        self.rows_of: dict[str, str] = {}     # IR tensor -> its [rows, features] view (linear on tokens)
 
     def emit(self, name, op, inputs, out, attrs=None, consts=None) -> str:
         self.nodes.append(Node(name, op, list(inputs), out, attrs or {}, consts or {}))
@@ -66,7 +70,8 @@ class _Lowerer:
                 output = self.emit("output", Op.DEQUANTIZE, [src], TensorType("float32", t.shape))
             elif kind == "fake_quant":
                 self.name_of[node.name] = self.requantize(node)
-                self.nodes[-1].attrs["src"] = node.name      # where report() finds its float value
+                last = next(n for n in reversed(self.nodes) if n.op is not Op.RESHAPE)
+                last.attrs["src"] = node.name      # where report() finds its float value
             elif kind in meta.WEIGHTED:
                 self.name_of[node.name] = self.weighted(node)
             elif role == "pass":
@@ -92,13 +97,28 @@ class _Lowerer:
         dyadic = self.modules[fq_node.target].requant        # the multiplier and shift, on dyadic targets
         if kind == "input":
             return self.emit(f"{name}_q", Op.QUANTIZE, [name], out, {"rounding": rounding})
-        if kind in meta.WEIGHTED:
-            acc = self.ir_input(src)
+        if kind in meta.WEIGHTED or kind == "matmul":
+            acc = self.ir_input(src) if kind in meta.WEIGHTED else self.matmul(src)
+            acc_t = self.types[acc]
+            rows = len(acc_t.shape) != len(out.shape)          # a linear on tokens ran on rows
+            rq_out = replace(out, shape=acc_t.shape) if rows else out
             if dyadic is not None:
-                return self.emit(f"{name}_rq", Op.REQUANT, [acc], out, {
+                rq = self.emit(f"{name}_rq", Op.REQUANT, [acc], rq_out, {
                     "multiplier": _ints(dyadic.multiplier), "shift": _ints(dyadic.shift), "rounding": rounding})
-            shift = tuple(int(f) - fmt.frac for f in self.types[acc].frac)
-            return self.emit(f"{name}_rq", Op.REQUANT, [acc], out, {"shift": shift, "rounding": rounding})
+            else:
+                shift = tuple(int(f) - fmt.frac for f in np.atleast_1d(acc_t.frac))
+                rq = self.emit(f"{name}_rq", Op.REQUANT, [acc], rq_out, {"shift": shift, "rounding": rounding})
+            if not rows:
+                return rq
+            return self.emit(f"{name}_tokens", Op.RESHAPE, [rq], out, {"shape": (-1,) + tuple(out.shape[1:])})
+        if kind in meta.ISLANDS:
+            return self.island(src, out, rounding)
+        if kind == "const":
+            value = attr_value(self.gm, src.target)
+            codes = quantize_np(value.detach().double().numpy(), fmt.frac, fmt.range, self.target.rounding, fmt.mant,
+                                fmt.zp)
+            const_t = replace(out, shape=tuple(codes.shape))
+            return self.emit(name, Op.CONST, [], const_t, {}, {"codes": codes.astype(storage_dtype(fmt.bits, fmt.signed))})
         if kind == "add":
             a, b = (self.ir_input(x) for x in src.args[:2])
             if dyadic is not None:
@@ -121,11 +141,48 @@ class _Lowerer:
             return self.emit(name, Op.AVGPOOL_INT, [x], out, attrs)
         raise UnsupportedOp(f"{describe_node(src)}: no integer op produces a {kind!r} output")
 
+    # -- matmul of two activations, float islands ----------------------------------------------------
+    def matmul(self, node) -> str:
+        a, b = (self.ir_input(x) for x in data_inputs(node))
+        ta, tb = self.types[a], self.types[b]
+        bound = int(ta.shape[-1]) * ta.max_abs * tb.max_abs
+        out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), int(ta.frac) + int(tb.frac), -bound, bound,
+                         int(ta.mant) * int(tb.mant))
+        attrs = {k: int(t.zp) for k, t in (("a_zp", ta), ("b_zp", tb)) if t.zp}
+        return self.emit(node.name, Op.MATMUL_INT, [a, b], out, attrs)
+
+    def island(self, node, out: TensorType, rounding: str) -> str:
+        kind = node.meta[meta.KIND]
+        x = self.ir_input(node.args[0])
+        attrs, consts = {"fn": kind, "rounding": rounding}, {}
+        if kind == "softmax" and node.op == "call_module":
+            consts["mask"] = self.modules[node.target].mask.numpy()
+        elif kind == "gelu":
+            attrs["approximate"] = str(node.args[1])
+        elif kind == "layer_norm":
+            m = self.modules[node.target]
+            attrs["eps"] = float(m.eps)
+            if m.weight is not None:
+                consts["weight"] = m.weight.detach().double().numpy()
+            if m.bias is not None:
+                consts["bias"] = m.bias.detach().double().numpy()
+        return self.emit(node.name, Op.FLOAT_ISLAND, [x], out, attrs, consts)
+
     # -- conv / linear: accumulate in int32 -----------------------------------------------------------
+    def as_rows(self, x: str) -> str:
+        """[N, T, D] codes as [N*T, D] rows, once per tensor."""
+        if x not in self.rows_of:
+            t = self.types[x]
+            self.rows_of[x] = self.emit(f"{x}_rows", Op.RESHAPE, [x], replace(t, shape=(None, t.shape[-1])),
+                                        {"shape": (-1, int(t.shape[-1]))})
+        return self.rows_of[x]
+
     def weighted(self, node) -> str:
         layer = self.modules[node.target]
         assert isinstance(layer, (QConv2d, QLinear))
         x = self.ir_input(node.args[0])
+        if isinstance(layer, QLinear) and len(self.types[x].shape) > 2:
+            x = self.as_rows(x)
         xt = self.types[x]
         w_frac, w_mant = layer.w_fmt.frac_array, layer.w_fmt.mant_array
         is_conv = isinstance(layer, QConv2d)
@@ -156,7 +213,8 @@ class _Lowerer:
         bound = np.abs(w_codes).reshape(w_codes.shape[0], -1).sum(axis=1) * xt.max_abs + np.abs(b_codes)
         acc_max = int(min(bound.max(), 2**62))
         mant = _ints(b_mant) if np.any(b_mant != 1) else 1
-        out = TensorType("int32", _batchless(node.meta[meta.SHAPE]), _ints(b_frac), -acc_max, acc_max, mant)
+        shape = _batchless(node.meta[meta.SHAPE]) if is_conv else (None, int(w_codes.shape[0]))
+        out = TensorType("int32", shape, _ints(b_frac), -acc_max, acc_max, mant)
         if is_conv:
             attrs.update(stride=tuple(layer.stride), padding=tuple(layer.padding),
                          dilation=tuple(layer.dilation), groups=int(layer.groups))
@@ -177,6 +235,12 @@ class _Lowerer:
         same = replace(t, shape=shape)
         if kind in ("flatten", "reshape"):
             return self.emit(node.name, Op.RESHAPE, [x], same, {"shape": (-1,) + tuple(shape[1:])})
+        if kind == "permute":
+            return self.emit(node.name, Op.PERMUTE, [x], same, {"perm": tuple(int(d) for d in node.args[1])})
+        if kind == "select":
+            return self.emit(node.name, Op.SELECT, [x], same, {"axis": int(node.args[1]), "index": int(node.args[2])})
+        if kind == "expand_batch":
+            return self.emit(node.name, Op.EXPAND_BATCH, [x, self.ir_input(node.args[1])], same)
         if kind == "maxpool":
             _, kernel, stride, padding, dilation, ceil_mode = node.args[:6]
             return self.emit(node.name, Op.MAXPOOL_INT, [x], same, {

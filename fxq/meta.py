@@ -14,9 +14,15 @@ SHARED_WITH = "fxq.shared_with"  # share_scales: name of the master qpoint whose
 DATA_FREE = "fxq.data_free"    # data_free_stats: per-channel (mean, std) used instead of data
 
 KINDS = ("input", "output", "conv", "linear", "bn", "relu", "clamp", "add", "cat",
-         "flatten", "reshape", "maxpool", "avgpool", "pad")
+         "flatten", "reshape", "maxpool", "avgpool", "pad",
+         "matmul", "permute", "select", "softmax", "gelu", "layer_norm", "mul_const", "const", "expand_batch")
 # Families, so passes test membership rather than listing spellings.
 WEIGHTED = frozenset({"conv", "linear"})
 ACTIVATIONS = frozenset({"relu", "clamp"})
 # Ops whose output codes are a rearrangement or selection of their input codes at the same format.
-PASS_THROUGH = frozenset({"flatten", "reshape", "maxpool", "pad", "cat", "relu", "clamp"})
+PASS_THROUGH = frozenset({"flatten", "reshape", "maxpool", "pad", "cat", "relu", "clamp", "permute", "select",
+                          "expand_batch"})
+# Nonlinearities a target may compute as float islands (fxq.islands); each output is a qpoint.
+ISLANDS = frozenset({"softmax", "gelu", "layer_norm"})
+# Ops whose two data inputs are both activations.
+BINARY = frozenset({"add", "matmul"})

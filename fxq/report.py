@@ -12,7 +12,7 @@ from .errors import MissingExtra
 from .fakequant import set_quantization
 from .ir import CLUSTER_OPS, WEIGHTED_OPS, Graph, Node, Op
 
-_ROW_OPS = (Op.QUANTIZE, Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT)
+_ROW_OPS = (Op.QUANTIZE, Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT, Op.FLOAT_ISLAND, Op.CONST)
 
 
 @dataclass
@@ -147,7 +147,15 @@ def _activation_text(n: Node) -> str:
 def _producer(g: Graph, n: Node) -> str:
     if n.op is Op.REQUANT:
         return g.node(n.inputs[0]).op.value
+    if n.op is Op.FLOAT_ISLAND:
+        return n.attrs["fn"]
     return n.op.value
+
+
+def matmul_macs(g: Graph, n: Node) -> int:
+    """Multiply-accumulates per sample of a product of two activations."""
+    k = g.types()[n.inputs[0]].shape[-1]
+    return int(np.prod([d for d in n.out.shape[1:]])) * int(k)
 
 
 def build_report(qm, x: torch.Tensor | None) -> Report:
@@ -171,10 +179,13 @@ def build_report(qm, x: torch.Tensor | None) -> Report:
         rows.append({"layer": n.name, "op": _producer(g, n), "weights": _weights_text(g, n),
                      "activation": _activation_text(n),
                      "shift": _shift_text(n) if "shift" in n.attrs else "-", "mult->acc": replaced,
-                     "float": "-", "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
+                     "float": "f64" if n.op is Op.FLOAT_ISLAND else "-", "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
     weighted = [n for n in g.nodes if n.op in WEIGHTED_OPS]
     counts = [multiplications(n) for n in weighted]
     macs, left = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    products = [n for n in g.nodes if n.op is Op.MATMUL_INT]
+    act_macs = sum(matmul_macs(g, n) for n in products)
+    islands = [n for n in g.nodes if n.op is Op.FLOAT_ISLAND]
     rescaling = [n for n in g.nodes if n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT)]
     multiplied = sum("multiplier" in n.attrs or "multipliers" in n.attrs for n in rescaling)
     summary = {
@@ -184,7 +195,10 @@ def build_report(qm, x: torch.Tensor | None) -> Report:
         "MACs per sample": macs,
         "multiplications replaced by accumulations": f"{macs - left} of {macs} ({100.0 * (macs - left) / max(macs, 1):.1f}%)",
         "rescales": f"{len(rescaling)}: {len(rescaling) - multiplied} shift only, {multiplied} integer multiply + shift",
-        "float islands": 0,
+        "activation x activation MACs per sample": act_macs if products else "-",
+        "float islands": (f"{len(islands)} (" + ", ".join(f"{sum(i.attrs['fn'] == f for i in islands)} {f}"
+                                                   for f in sorted({i.attrs['fn'] for i in islands})) + ")"
+                          if islands else 0),
         "output SQNR dB": f"{sqnr['output']:.1f}" if "output" in sqnr else "- (pass x to measure)",
     }
     return Report(rows, summary, list(qm.notes))

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .formats import ACC_BITS, DEFAULT_ROUNDING, Rounding
+from .islands import ISLAND_FUNCTIONS
 
 # Weight scales: one per layer, one per output channel, or one per cluster of N input channels of a filter.
 GRANULARITIES = ("tensor", "channel", "cluster")
@@ -19,7 +20,7 @@ SCALE_KINDS = ("pow2", "fixed_point", "dyadic")
 # "shift": every rescale is an arithmetic shift; "dyadic": an integer multiply, then a shift.
 REQUANT_KINDS = ("shift", "dyadic")
 TERNARY_THRESHOLDS = ("l2", "twn")   # per-cluster L2-optimal threshold, or TWN's 0.7 * mean|w|
-FLOAT_ISLAND_OPS = ("softmax", "gelu", "layer_norm")
+FLOAT_ISLAND_OPS = ISLAND_FUNCTIONS
 # Fields that only mean something for one granularity: overriding them elsewhere is a mistake.
 CLUSTER_FIELDS = ("cluster_size", "cluster_scale_bits", "ternary_threshold")
 DYADIC_FIELDS = ("scale_mant_bits", "multiplier_bits", "act_range_search", "a_affine")
@@ -130,6 +131,9 @@ class Target:
             raise TargetError(f"target {self.name!r}: exp_search_radius={self.exp_search_radius!r} must be in 0..8")
         if not isinstance(self.search_radius, int) or not 0 <= self.search_radius <= 8:
             raise TargetError(f"target {self.name!r}: search_radius={self.search_radius!r} must be in 0..8")
+        if isinstance(self.float_islands, str):            # "softmax,gelu" or "all"
+            names = self.float_islands.split(",") if self.float_islands != "all" else FLOAT_ISLAND_OPS
+            object.__setattr__(self, "float_islands", frozenset(n.strip() for n in names if n.strip()))
         bad = set(self.float_islands) - set(FLOAT_ISLAND_OPS)
         if bad:
             raise TargetError(f"target {self.name!r}: float_islands has unknown ops {sorted(bad)}; "

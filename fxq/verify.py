@@ -2,7 +2,8 @@
 
 Every fractional length is an integer (so every scale is an exact power of two), every rescale is a
 shift equal to the difference of fractional lengths, no int32 accumulator can overflow for any input
-codes in the declared ranges, and float values exist only at the graph's quantize and dequantize.
+codes in the declared ranges, and float values exist only at the graph's quantize and dequantize and
+inside the float islands the target declares (which take and give codes).
 On the int8 target scales are dyadic (mant * 2**-frac) and a rescale is an integer multiplier M and a
 shift n: M is then the nearest integer to the true ratio of steps times 2**n, and acc * M stays exact.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import VerifyError
-from .formats import ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, int_range
+from .formats import ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, IntRange, int_range
+from .islands import ISLAND_FUNCTIONS
 from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
 
 NARROW = ("int8", "uint8", "int16", "uint16")
@@ -127,7 +129,44 @@ def _weighted(chk: _Check, n: Node, x: TensorType) -> None:
     _acc_fits(chk, l1 * x.max_abs + np.abs(b.astype(np.int64)), n.out, "a per-channel sum")
 
 
-def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
+def _matmul(chk: _Check, n: Node, ins: list[TensorType]) -> None:
+    chk(len(ins) == 2 and all(t.dtype in NARROW for t in ins), "matmul_int takes two narrow code tensors")
+    ta, tb = ins
+    chk(len(ta.shape) == len(tb.shape) and ta.shape[-1] == tb.shape[-2],
+        f"shapes {ta.short()} and {tb.short()} do not multiply")
+    chk(n.out.dtype == "int32", "accumulator output must be int32")
+    chk(n.out.frac == int(ta.frac) + int(tb.frac), f"accumulator frac {n.out.frac} != f_a + f_b {int(ta.frac) + int(tb.frac)}")
+    chk(n.out.mant == int(ta.mant) * int(tb.mant), "accumulator mantissa != the product of the inputs' mantissas")
+    chk((n.attrs.get("a_zp", 0), n.attrs.get("b_zp", 0)) == (ta.zp, tb.zp), "a_zp/b_zp differ from the inputs' zero points")
+    _acc_fits(chk, int(ta.shape[-1]) * ta.max_abs * tb.max_abs, n.out, "a dot product")
+
+
+def _island(chk: _Check, n: Node, ins: list[TensorType], allowed: set) -> None:
+    fn = n.attrs.get("fn")
+    chk(fn in ISLAND_FUNCTIONS, f"unknown float island function {fn!r}; known: {list(ISLAND_FUNCTIONS)}")
+    chk(fn in allowed, f"the target does not declare {fn!r} as a float island (it allows {sorted(allowed) or 'none'})")
+    chk(ins[0].dtype in NARROW and n.out.dtype in NARROW, "a float island takes and gives narrow codes")
+    if "mask" in n.consts:
+        shape = tuple(1 if d is None else d for d in ins[0].shape)
+        try:
+            fits = np.broadcast_shapes(n.consts["mask"].shape, shape) == shape
+        except ValueError:
+            fits = False
+        chk(fits, f"the softmax mask of shape {list(n.consts['mask'].shape)} does not broadcast to {ins[0].short()}")
+    for k in ("weight", "bias"):
+        if k in n.consts:
+            chk(n.consts[k].shape == (ins[0].shape[-1],), f"LayerNorm {k} has shape {list(n.consts[k].shape)}, "
+                                                           f"expected [{ins[0].shape[-1]}]")
+
+
+def _const(chk: _Check, n: Node) -> None:
+    codes = n.consts.get("codes")
+    chk(codes is not None and tuple(codes.shape) == tuple(n.out.shape), "constant codes missing or of the wrong shape")
+    chk(n.out.shape[0] == 1, "a constant has a batch dim of 1")
+    _codes_in(chk, codes, IntRange(n.out.lo, n.out.hi), "constant codes")
+
+
+def _rule(n: Node, ins: list[TensorType], chk: _Check, allowed: set = frozenset()) -> None:
     a, op = n.attrs, n.op
     if op is Op.QUANTIZE:
         chk(len(ins) == 1 and ins[0].dtype == "float32", "quantize takes the float graph input")
@@ -171,7 +210,20 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
             return
         _same_step(chk, ins[0], n.out)
         _shift_ok(chk, a["shift"], int(ins[0].frac) + int(a["divisor_log2"]) - int(n.out.frac))
-    elif op in (Op.MAXPOOL_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.CONCAT_INT):
+    elif op is Op.MATMUL_INT:
+        _matmul(chk, n, ins)
+    elif op is Op.FLOAT_ISLAND:
+        _island(chk, n, ins, allowed)
+    elif op is Op.CONST:
+        chk(not ins, "a constant takes no inputs")
+        _const(chk, n)
+    elif op in (Op.MAXPOOL_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.CONCAT_INT, Op.PERMUTE, Op.SELECT,
+                Op.EXPAND_BATCH):
+        if op is Op.EXPAND_BATCH:
+            chk(len(ins) == 2 and ins[0].shape[0] == 1, "expand_batch repeats a batch-1 tensor to another's batch")
+            ins = ins[:1]
+        if op is Op.PERMUTE:
+            chk(tuple(a["perm"])[0] == 0, f"permute {list(a['perm'])} moves the batch axis")
         for t in ins:
             chk(t.dtype == n.out.dtype and t.frac == n.out.frac and t.mant == n.out.mant and t.zp == n.out.zp,
                 f"input {t.short()} and output {n.out.short()} must share dtype, scale and zero point")
@@ -182,6 +234,8 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check) -> None:
 
 
 def verify(g: Graph) -> None:
+    declared = str((g.target or {}).get("float islands", "-"))
+    allowed = set() if declared == "-" else set(declared.split(","))
     types = {g.input_name: g.input_type}
     seen_names = {g.input_name}
     for n in g.nodes:
@@ -195,7 +249,7 @@ def verify(g: Graph) -> None:
             chk(n.op is Op.DEQUANTIZE, "a float tensor outside the graph's dequantize (no float islands are declared)")
         if n.op is not Op.QUANTIZE:
             chk(all(t.dtype != "float32" for t in ins), "float input outside the graph's quantize")
-        _rule(n, ins, chk)              # op rules first: they explain *why* a range is out of bounds
+        _rule(n, ins, chk, allowed)     # op rules first: they explain *why* a range is out of bounds
         _check_type(chk, n.out, "output")
         seen_names.add(n.name)
         types[n.name] = n.out

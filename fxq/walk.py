@@ -10,7 +10,7 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
     """The tensor inputs of a canonical node (cat's first argument is a tuple of them)."""
     if node.meta.get(meta.KIND) == "cat":
         return list(node.args[0])
-    return [a for a in node.args if isinstance(a, fx.Node)][: 2 if node.meta.get(meta.KIND) == "add" else 1]
+    return [a for a in node.args if isinstance(a, fx.Node)][: 2 if node.meta.get(meta.KIND) in meta.BINARY else 1]
 
 
 def format_source(node: fx.Node) -> fx.Node:
@@ -23,11 +23,11 @@ def format_source(node: fx.Node) -> fx.Node:
 def is_nonnegative(node: fx.Node) -> bool:
     """True when the values are non-negative by construction (after ReLU, a clamp at >= 0, ...)."""
     kind = node.meta.get(meta.KIND)
-    if kind == "relu":
+    if kind in ("relu", "softmax"):
         return True
     if kind == "clamp":
         return node.args[1] >= 0 or is_nonnegative(node.args[0])
-    if kind in ("flatten", "reshape", "maxpool", "pad", "avgpool"):
+    if kind in ("flatten", "reshape", "maxpool", "pad", "avgpool", "permute", "select", "expand_batch"):
         return is_nonnegative(node.args[0])
     if kind in ("cat", "add"):
         return all(is_nonnegative(x) for x in data_inputs(node))
@@ -39,3 +39,11 @@ def weighted_layers(gm: fx.GraphModule):
     for node in gm.graph.nodes:
         if node.meta.get(meta.KIND) in meta.WEIGHTED:
             yield node, modules[node.target]
+
+
+def attr_value(gm: fx.GraphModule, target: str):
+    """The parameter, buffer or attribute a get_attr node reads."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

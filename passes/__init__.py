@@ -1,8 +1,10 @@
 """fxq's graph passes, one per file, each ``(gm, ctx) -> gm`` run in PIPELINE order by fxq.pipeline."""
+from .expand_attention import expand_attention
 from .canonicalize import canonicalize
 from .propagate_shapes import propagate_shapes
 from .fold_bn import fold_bn
 from .fold_pool_divisor import fold_pool_divisor
+from .fold_constant_scale import fold_constant_scale
 from .insert_observers import insert_observers
 from .calibrate import calibrate
 from .data_free_stats import data_free_stats
@@ -15,10 +17,12 @@ from .bias_correction import bias_correction
 
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
 PIPELINE = (
+    expand_attention,
     canonicalize,
     propagate_shapes,
     fold_bn,
     fold_pool_divisor,
+    fold_constant_scale,
     insert_observers,
     calibrate,
     data_free_stats,

@@ -146,7 +146,7 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
             layer = modules.get(node.target) if node.op == "call_module" else None
             if isinstance(layer, _QWeighted):
                 ref = flt[node.name] if empirical else _run(node, gm, modules, quant, as_float=True)
-                dims = [0] + list(range(2, q.dim()))
+                dims = layer.non_channel_dims(q)
                 before = layer.qbias()               # the bias the output q was computed with
                 corrected = before - (q - ref).mean(dims).to(before.dtype)
                 room = _headroom(layer, ctx.target.acc_bits)
@@ -155,7 +155,7 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
                     corrected = torch.maximum(torch.minimum(corrected, room), -room)
                 layer.bias_q.copy_(corrected)
                 # the output is linear in the bias: shift it rather than run the layer again
-                q += (layer.qbias() - before).to(q.dtype).reshape([1, -1] + [1] * (q.dim() - 2))
+                q += layer.output_channels(q, (layer.qbias() - before).to(q.dtype))
                 bar.update(1)
             quant[node.name] = q
             for a in node.all_input_nodes:                # drop what no later node reads

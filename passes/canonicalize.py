@@ -10,6 +10,13 @@ removed; conv, linear and BatchNorm stay as call_module.
     flatten  torch.flatten(x, start, end)       reshape  torch.reshape(x, (-1, ...))
     maxpool  F.max_pool2d(x, k, s, p, d, ceil)  avgpool  F.avg_pool2d(x, k, s, p, ceil, count_pad)
     pad      F.pad(x, pads, "constant", 0.0)
+    matmul   torch.matmul(a, b)                 permute  torch.permute(x, dims)   (transpose; batch stays first)
+    select   torch.select(x, dim, i)            (x[:, i]: one index along a non-batch dim)
+    softmax  fxq.islands.softmax(x)             gelu     fxq.islands.gelu(x, approximate)
+    layer_norm  fxq.islands.LayerNorm module    (nn.LayerNorm over the last dim)
+    mul_const  operator.mul(x, c)               (x * c, x / c with a Python number c; folded later)
+    const    get_attr of a parameter/buffer     expand_batch  fxq.tensor_ops.expand_batch(c, like)
+Softmax, GELU and LayerNorm are computed in float64 (fxq.islands), as every executor computes them.
 
 Raises UnsupportedOp naming the node, its op and the user's source line for anything else.
 """
@@ -23,13 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxq import meta
+from fxq import islands, meta
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
+from fxq.tensor_ops import expand_batch
+from fxq.walk import attr_value
 
 SUPPORTED_TEXT = ("Conv2d, Linear, BatchNorm (after a conv/linear), ReLU, ReLU6/Hardtanh/clamp, MaxPool2d, "
                   "AvgPool2d, AdaptiveAvgPool2d(1), flatten/view/reshape, residual add, cat, ZeroPad2d, "
-                  "Identity, eval-mode Dropout")
+                  "Identity, eval-mode Dropout, matmul/@, transpose/permute (batch first), x[:, i], softmax and "
+                  "GELU and LayerNorm over the last dim, multiplication by a constant, batch-1 parameters "
+                  "(class token, position embedding) with expand")
 
 _RELU_FNS = {torch.relu, F.relu, torch.relu_, getattr(F, "relu_", None)} - {None}
 _ADD_FNS = {operator.add, operator.iadd, torch.add}
@@ -37,6 +48,10 @@ _CAT_FNS = {torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)}
 _DROPOUT_FNS = {F.dropout, F.dropout2d, torch.dropout}
 _DROPOUT_MODS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _REMOVED_METHODS = {"contiguous"}
+_MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm}
+_MUL_FNS = {operator.mul, torch.mul}
+_DIV_FNS = {operator.truediv, torch.div, torch.true_divide}
+_SOFTMAX_FNS = {torch.softmax, F.softmax}
 
 
 def _pair(v):
@@ -57,6 +72,23 @@ def _arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
+
+
+def _is_shape_node(node) -> bool:
+    """x.shape / x.size(): a node whose value is a torch.Size, not a tensor."""
+    return isinstance(node, fx.Node) and ((node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
+                                         or (node.op == "call_method" and node.target == "size"))
+
+
+def _shape_owner(size) -> fx.Node | None:
+    """The tensor whose batch size ``size`` reads (x.shape[0] or x.size(0)), else None."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and _arg(size, 1, "dim") == 0:
+        return size.args[0]
+    if size.op == "call_function" and size.target is operator.getitem and size.args[1] == 0 and _is_shape_node(size.args[0]):
+        return size.args[0].args[0]
+    return None
 
 
 def _is_global_mean(node: fx.Node) -> bool:
@@ -86,7 +118,9 @@ class _Rewriter:
             return self._function(node, node.target)
         if node.op == "call_method":
             return self._method(node, node.target)
-        raise _unsupported(node, "parameters and buffers may only be used by the layers that own them")
+        if node.op == "get_attr":
+            return self._const(node)
+        raise _unsupported(node, f"graph node of kind {node.op!r}")
 
     # -- nn.Module calls -----------------------------------------------------------------------
     def _module(self, node, m):
@@ -126,6 +160,12 @@ class _Rewriter:
             if float(getattr(m, "value", 0.0)) != 0.0:
                 raise _unsupported(node, "constant padding with a non-zero value")
             return ("pad", F.pad, (x, tuple(m.padding), "constant", 0.0))
+        if isinstance(m, nn.LayerNorm):
+            return self._layer_norm(node, m)
+        if isinstance(m, nn.GELU):
+            return ("gelu", islands.gelu, (x, m.approximate))
+        if isinstance(m, nn.Softmax):
+            return self._softmax(node, x, m.dim)
         if isinstance(m, nn.Identity):
             return None
         if isinstance(m, _DROPOUT_MODS):
@@ -176,6 +216,28 @@ class _Rewriter:
             if _arg(node, 2, "train" if fn is torch.dropout else "training", fn is not torch.dropout):
                 raise _unsupported(node, "dropout with training=True")
             return None
+        if fn in _MATMUL_FNS:
+            return self._matmul(node, node.args[0], node.args[1])
+        if fn is torch.transpose:
+            return self._transpose(node, x, _arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+        if fn is torch.permute:
+            return self._permute(node, x, _arg(node, 1, "dims"))
+        if fn in _SOFTMAX_FNS:
+            return self._softmax(node, x, _arg(node, 1, "dim"))
+        if fn is F.gelu:
+            return ("gelu", islands.gelu, (x, node.kwargs.get("approximate", "none")))
+        if fn is F.layer_norm:
+            raise _unsupported(node, "F.layer_norm; use nn.LayerNorm (fxq reads its weight, bias and eps)")
+        if fn in _MUL_FNS:
+            return self._scale(node, node.args[0], node.args[1], divide=False)
+        if fn in _DIV_FNS:
+            if node.kwargs.get("rounding_mode") is not None:
+                raise _unsupported(node, "division with a rounding_mode")
+            return self._scale(node, node.args[0], node.args[1], divide=True)
+        if fn is getattr and node.args[1] == "shape":
+            return ("shape_query", None, None)
+        if fn is operator.getitem:
+            return self._getitem(node, x, node.args[1])
         raise _unsupported(node, f"function {getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)}")
 
     # -- tensor methods --------------------------------------------------------------------------
@@ -197,6 +259,21 @@ class _Rewriter:
             if _arg(node, 2, "keepdim", False):
                 return pooled
             return ("mean_flat", pooled, None)
+        if name == "matmul":
+            return self._matmul(node, x, node.args[1])
+        if name == "transpose":
+            return self._transpose(node, x, _arg(node, 1, "dim0"), _arg(node, 2, "dim1"))
+        if name == "permute":
+            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+            return self._permute(node, x, dims)
+        if name == "softmax":
+            return self._softmax(node, x, _arg(node, 1, "dim"))
+        if name in ("mul", "__mul__"):
+            return self._scale(node, x, node.args[1], divide=False)
+        if name in ("div", "__truediv__"):
+            return self._scale(node, x, node.args[1], divide=True)
+        if name == "expand":
+            return self._expand(node, x)
         if name in _REMOVED_METHODS:
             return None
         if name in ("size", "dim") or name == "shape":
@@ -217,6 +294,81 @@ class _Rewriter:
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             raise _unsupported(node, "add of a tensor and a constant (fold the constant into a bias)")
         return ("add", operator.add, (a, b))
+
+    def _const(self, node):
+        shape = _shape(node)
+        if shape is None or len(shape) < 2 or shape[0] != 1:
+            raise _unsupported(node, f"parameter/buffer {node.target!r} of shape {list(shape or ())} used as data; "
+                                     f"fxq lowers such constants only with a leading batch dim of 1 (a class token "
+                                     f"[1, 1, D], a position embedding [1, T, D])")
+        return ("const", "module", None)
+
+    def _matmul(self, node, a, b):
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            raise _unsupported(node, "matmul with a constant operand (use nn.Linear for a product with weights)")
+        sa, sb = _shape(a), _shape(b)
+        if sa is None or sb is None or len(sa) < 3 or len(sa) != len(sb) or sa[0] != sb[0]:
+            raise _unsupported(node, f"matmul of shapes {list(sa or ())} and {list(sb or ())}; fxq lowers products of "
+                                     f"two activations with the same rank (3 or more) and the batch dim first")
+        return ("matmul", torch.matmul, (a, b))
+
+    def _permute(self, node, x, dims):
+        rank = len(_shape(node))
+        dims = tuple(int(d) % rank for d in dims)
+        if dims[0] != 0:
+            raise _unsupported(node, f"permute {list(dims)} moves the batch dimension; it must stay first")
+        return ("permute", torch.permute, (x, dims))
+
+    def _transpose(self, node, x, d0, d1):
+        rank = len(_shape(node))
+        dims = list(range(rank))
+        dims[d0 % rank], dims[d1 % rank] = dims[d1 % rank], dims[d0 % rank]
+        return self._permute(node, x, dims)
+
+    def _softmax(self, node, x, dim):
+        rank = len(_shape(node))
+        if dim is None or int(dim) % rank != rank - 1:
+            raise _unsupported(node, f"softmax over dim {dim}; fxq lowers softmax over the last dim only")
+        return ("softmax", islands.softmax, (x,))
+
+    def _layer_norm(self, node, m):
+        if len(m.normalized_shape) != 1:
+            raise _unsupported(node, f"LayerNorm over {list(m.normalized_shape)}; fxq lowers the last dim only")
+        parent, _, attr = node.target.rpartition(".")
+        setattr(self.gm.get_submodule(parent) if parent else self.gm, attr, islands.LayerNorm.of(m))
+        return ("layer_norm", "module", None)
+
+    def _scale(self, node, a, b, divide: bool):
+        if isinstance(a, (int, float)) and not divide:
+            a, b = b, a
+        if not (isinstance(a, fx.Node) and isinstance(b, (int, float)) and not isinstance(b, bool)):
+            why = "division" if divide else "multiplication"
+            raise _unsupported(node, f"{why} of two tensors (fxq lowers a tensor times a Python number)")
+        c = 1.0 / float(b) if divide else float(b)
+        return ("mul_const", operator.mul, (a, c))
+
+    def _expand(self, node, x):
+        if x.op != "get_attr" or _shape(x)[0] != 1:
+            raise _unsupported(node, "expand of anything but a batch-1 parameter (a class token)")
+        size = list(node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1])
+        if list(_shape(node)[1:]) != list(_shape(x)[1:]):
+            raise _unsupported(node, "expand may only repeat the batch dimension")
+        like = _shape_owner(size[0])
+        if like is None:
+            raise _unsupported(node, "expand's batch size must be another tensor's x.shape[0] or x.size(0)")
+        return ("expand_batch", expand_batch, (x, like))
+
+    def _getitem(self, node, x, index):
+        if x.meta.get(meta.KIND) == "shape_query" or _is_shape_node(x):
+            return ("shape_query", None, None)
+        shape = _shape(x)
+        index = index if isinstance(index, tuple) else (index,)
+        ints = [(i, v) for i, v in enumerate(index) if isinstance(v, int)]
+        full = all(v == slice(None) for i, v in enumerate(index) if not isinstance(v, int))
+        if shape is None or len(ints) != 1 or not full or ints[0][0] == 0:
+            raise _unsupported(node, f"indexing {index}; fxq lowers x[:, i] (one integer index, not on the batch dim)")
+        dim, i = ints[0]
+        return ("select", torch.select, (x, dim, i % shape[dim]))
 
     def _cat(self, node, xs, dim):
         shape = _shape(node)
@@ -257,6 +409,33 @@ class _Rewriter:
         return tuple(p // 2 for p in pads)
 
 
+def _fuse_softmax_masks(gm: fx.GraphModule) -> None:
+    """softmax(scores + constant mask) becomes one MaskedSoftmax island holding the mask: quantizing a
+    -1e4 mask with the scores would leave them no resolution."""
+    for node in list(gm.graph.nodes):
+        if node.meta.get(meta.KIND) != "softmax":
+            continue
+        add = node.args[0]
+        if add.meta.get(meta.KIND) != "add" or len(add.users) != 1:
+            continue
+        consts = [a for a in add.args[:2] if a.meta.get(meta.KIND) == "const"]
+        if len(consts) != 1:
+            continue
+        (mask,) = consts
+        scores = add.args[0] if add.args[1] is mask else add.args[1]
+        value = attr_value(gm, mask.target)
+        name = f"{node.name}_masked"
+        gm.add_submodule(name, islands.MaskedSoftmax(value))
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_module(name, (scores,))
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(add)
+        if not mask.users:
+            gm.graph.erase_node(mask)
+
+
 def canonicalize(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ShapeProp(gm).propagate(ctx.example_input)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -289,6 +468,10 @@ def canonicalize(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if fn in (None, "module"):
             node.meta[meta.KIND] = kind
             continue
+        if fn is torch.permute and args[1] == tuple(range(len(args[1]))):
+            node.replace_all_uses_with(args[0])          # an identity permute
+            graph.erase_node(node)
+            continue
         with graph.inserting_before(node):
             new = graph.call_function(fn, args)
         new.meta.update(node.meta)
@@ -296,6 +479,7 @@ def canonicalize(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.eliminate_dead_code()
+    _fuse_softmax_masks(gm)
     for node in graph.nodes:
         if meta.KIND not in node.meta:
             raise _unsupported(node, "a shape query whose result is used as data")

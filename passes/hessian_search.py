@@ -137,9 +137,9 @@ def _search_weights(gm, ctx, modules, x) -> int:
                     fq.enabled = False
                 else:
                     xq = inp
-                target = out - layer.bias.detach().reshape([1, -1] + [1] * (out.dim() - 2))
+                target = out - layer.output_channels(out, layer.bias.detach())
                 g2 = grad.double() ** 2
-                dims = [0] + list(range(2, out.dim()))
+                dims = layer.non_channel_dims(out)
                 frac0 = layer._per_channel(layer.w_frac)
                 for i, k in enumerate(offsets):
                     w = fake_quant(layer.weight_q.detach().double(), frac0 + float(k), layer.w_fmt.range,

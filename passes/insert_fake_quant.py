@@ -4,7 +4,8 @@ Every qpoint gets a FakeQuant module after it; every conv/linear becomes a QConv
 its weights per channel and its bias to int32 at the accumulator's step; a standalone clamp's bounds
 move onto its input's grid. The result computes, in float, exactly the values the integer graph will hold.
 
-On a dyadic target (``requant`` "dyadic", int8) the FakeQuant that ends a conv/linear/add/pool also
+Float islands and constants quantize float values directly, like the model input.
+On a dyadic target (``requant`` "dyadic", int8) the FakeQuant that ends a conv/linear/matmul/add/pool also
 carries the integer multiplier and shift of that requant (chosen here, read back by the lowering), a
 fused ReLU/clamp is dropped in favour of the format's code range (which is what the integer graph
 clamps to), and each residual add becomes a QAdd that forms the integer sum of both inputs.
@@ -39,12 +40,16 @@ def _dyadic_requant(producer: fx.Node, out_fmt, modules, gm: fx.GraphModule, bit
         src_mant = layer.acc_mant
         src_frac = layer.w_fmt.frac_array + layer.in_frac
         m, n = dyadic(step_of(src_frac, src_mant) / out_fmt.step, bits)
-        return DyadicRequant(src_mant, src_frac, m, n)
+        return DyadicRequant(src_mant, src_frac, m, n, channel_axis=1 if isinstance(layer, QConv2d) else -1)
     if kind == "avgpool":
         x = _in_fmt(producer.args[0])
         k = int(producer.args[6]).bit_length() - 1
         m, n = dyadic(x.step * 2.0 ** -k / out_fmt.step, bits)
         return DyadicRequant(x.mant, x.frac + k, m, n)
+    if kind == "matmul":
+        a, b = (_in_fmt(x) for x in data_inputs(producer))
+        m, n = dyadic(a.step * b.step / out_fmt.step, bits)
+        return DyadicRequant(int(a.mant) * int(b.mant), int(a.frac) + int(b.frac), m, n)
     if kind == "add":
         a, b = (_in_fmt(x) for x in data_inputs(producer))
         ratios = np.array([a.step, b.step]) / out_fmt.step
@@ -78,7 +83,7 @@ def insert_fake_quant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
             continue
         fmt = node.meta[meta.ACT_FMT]
         requant, value = None, node
-        if t.requant == "dyadic" and role == "qpoint":
+        if t.requant == "dyadic" and role == "qpoint" and kind not in meta.ISLANDS | {"const"}:
             producer = node.args[0] if kind in meta.ACTIVATIONS else node
             requant = _dyadic_requant(producer, fmt, modules, gm, t.multiplier_bits)
             value = producer              # the format's code range is the fused activation's clamp

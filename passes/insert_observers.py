@@ -1,8 +1,10 @@
 """insert_observers: decide where the integer graph quantizes, and attach an observer there.
 
 A quantization point ("qpoint") is where a fresh integer tensor is produced: the model input, a
-conv/linear/add output (or the ReLU/clamp fused after it), an average pool. Pass-through ops (flatten,
-reshape, max-pool, pad, cat, a standalone ReLU/clamp) keep their input's codes and format.
+conv/linear/add/matmul output (or the ReLU/clamp fused after it), an average pool, a float island's
+output (softmax, GELU, LayerNorm), a constant used as data (class token, position embedding). Pass-through ops (flatten,
+reshape, max-pool, pad, cat, permute, select, expand_batch, a standalone ReLU/clamp) keep their input's
+codes and format.
 
 Reads: ``meta[KIND]``. Writes: ``meta[ROLE]`` on every node, ``meta[FUSED_ACT]`` on a conv/linear/add
 whose only user is a ReLU/clamp (that activation becomes the qpoint), ``meta[OBSERVER]`` (an
@@ -15,15 +17,26 @@ import torch.fx as fx
 
 from fxq import meta
 from fxq.context import CompileContext
+from fxq.errors import UnsupportedOp, describe_node
 from fxq.observers import Observer
 
-_PRODUCERS = meta.WEIGHTED | {"add"}
+_PRODUCERS = meta.WEIGHTED | {"add", "matmul"}
+
+
+def _check_island(node: fx.Node, target) -> None:
+    kind = node.meta[meta.KIND]
+    if kind in meta.ISLANDS and kind not in target.float_islands:
+        raise UnsupportedOp(f"{describe_node(node)}: {kind} has no integer form on target {target.name!r}, and the "
+                            f"target does not allow it as a float island; compile with float_islands="
+                            f"{{'softmax', 'gelu', 'layer_norm'}} (or 'all') to compute it in float64 between a "
+                            f"dequantize and a quantize")
 
 
 def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     fused: set[str] = set()
     for node in gm.graph.nodes:
         kind = node.meta[meta.KIND]
+        _check_island(node, ctx.target)
         if kind in _PRODUCERS and len(node.users) == 1 and next(iter(node.users)).meta[meta.KIND] in meta.ACTIVATIONS:
             act = next(iter(node.users))
             node.meta[meta.ROLE] = "acc"

@@ -66,6 +66,7 @@ from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
 from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
                          rectified_sigmoid, rounding_regulariser)
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
+from fxq.walk import attr_value
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -121,6 +122,8 @@ class _Reconstructor:
         inside = {n.name for n in block.nodes}
         group_params: dict[str, nn.Parameter] = {}
         for node in block.nodes:
+            if node.op == "get_attr":                   # a constant used as data (class token, position embedding)
+                wrapped[node.target] = attr_value(self.gm, node.target)
             if node.op != "call_module":
                 continue
             m = self.modules[node.target]

@@ -57,7 +57,12 @@ def test_unsupported_op_names_node_op_and_source_line():
 
 
 def test_unsupported_module_type():
-    with pytest.raises(UnsupportedOp, match=r"module type GELU"):
+    with pytest.raises(UnsupportedOp, match=r"module type SiLU"):
+        fxq.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.SiLU()).eval(), X, progress=False)
+
+
+def test_nonlinearity_without_integer_form_or_island_names_the_option():
+    with pytest.raises(UnsupportedOp, match=r"node 'gelu'.*gelu has no integer form on target 'shift-int'.*float_islands"):
         fxq.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()).eval(), X, progress=False)
 
 
