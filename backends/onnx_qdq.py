@@ -27,10 +27,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fxq import int_nonlinear as inl
 from fxq import islands
 from fxq.errors import ExportError
 from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, codes_of, exp2, onnx_exact_rounding
-from fxq.ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
+from fxq.ir import (CLUSTER_OPS, CONV_OPS, INT_NONLINEAR_FN, WEIGHTED_OPS, Graph, Node, Op, TensorType,
+                    int_nonlinear_constants, weight_codes)
+
+from . import onnx_int_nonlinear
 
 OPSET = 21
 IR_VERSION = 10
@@ -161,6 +165,8 @@ class _Builder:
             self.weighted(self.g.node(ins[0]), n)
         elif n.op is Op.FLOAT_ISLAND:
             self.island(n)
+        elif n.op in INT_NONLINEAR_FN:
+            self.int_nonlinear(n)
         elif n.op is Op.CONST:
             carrier = self._carrier(n.out.dtype)
             self.const(n.name, (n.consts["codes"].astype(np.int64) + carrier[2]).astype(carrier[1]))
@@ -249,6 +255,19 @@ class _Builder:
                           out, n.name, 1.0)
         else:
             self.q_double(y, out, n.name, exp2(out.frac))
+
+    def int_nonlinear(self, n: Node) -> None:
+        """fxq.int_nonlinear's kernel as float64 ops on integer values (all exact below 2**53)."""
+        x = self.node("Cast", [self.dq_of(n.inputs[0], self.types[n.inputs[0]], 0, f"_{n.name}_int")],
+                      f"{n.name}_codes", to=TensorProto.DOUBLE)
+        fn = INT_NONLINEAR_FN[n.op]
+        if "mask" in n.consts:
+            x = self.node("Add", [x, self.f64(f"{n.name}_mask", n.consts["mask"].astype(np.float64))], f"{n.name}_masked")
+            lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
+            x = self.node("Clip", [x, lo, hi], f"{n.name}_masked_clip")
+        consts = int_nonlinear_constants(n, self.types[n.inputs[0]])
+        codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k")
+        self.q_double(codes, n.out, n.name, 1.0)
 
     def gelu(self, x: str, name: str, approximate: str) -> str:
         """fxq.islands' GELU, op for op in the same order (ONNX Runtime has no float64 Erf)."""

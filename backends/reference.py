@@ -13,7 +13,8 @@ from fxq.errors import InputError
 from fxq.formats import (FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, dyadic_requant_np, quantize_np,
                          requant_np)
 from fxq import islands
-from fxq.ir import Graph, Node, Op, weight_codes
+from fxq import int_nonlinear as inl
+from fxq.ir import INT_NONLINEAR_FN, Graph, Node, Op, int_nonlinear_constants, weight_codes
 
 BLAS_EXACT_LIMIT = 2 ** FP64_EXACT_BITS
 
@@ -254,9 +255,21 @@ class FloatIsland(OpRun):
         return quantize_np(y, o.frac, self.out_range(node), Rounding(a["rounding"]), o.mant, o.zp)
 
 
+class IntNonlinear(OpRun):
+    """Integer-only softmax/GELU/LayerNorm: fxq.int_nonlinear on int64 codes."""
+    op = Op.SOFTMAX_INT
+    also = (Op.GELU_INT, Op.LAYERNORM_INT)
+
+    def run(self, node, x, t=None):
+        c = int_nonlinear_constants(node, t)
+        return inl.apply(INT_NONLINEAR_FN[node.op], inl.NUMPY, x.astype(np.int64), c, node.out.lo, node.out.hi,
+                         node.consts.get("mask"))
+
+
 OPS = {op: kernel for kernel in (cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt,
                                                    AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape,
-                                                   Permute, Select, ExpandBatch, Const, MatmulInt, FloatIsland))
+                                                   Permute, Select, ExpandBatch, Const, MatmulInt, FloatIsland,
+                                                   IntNonlinear))
        for op in (kernel.op, *kernel.also)}
 
 
@@ -286,7 +299,7 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         if node.op not in OPS:
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
-        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND):
+        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT):
             env[node.name] = OPS[node.op].run(node, xs[0], t=types[node.inputs[0]])
         else:
             env[node.name] = OPS[node.op].run(node, *xs)

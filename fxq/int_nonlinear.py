@@ -496,3 +496,26 @@ def int_layer_norm(q, frac_in: int, gamma, beta, eps: float, frac_out: int, out_
     xp, q = _codes(fn, xp, q, LN_MAX_LEN)
     c = layer_norm_constants(q.shape[-1], frac_in, gamma, beta, eps, frac_out)
     return layer_norm_codes(xp, q, c, lo, hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# one entry for the executors: the IR stores the fracs (softmax, GELU) or the integer constants
+# ---------------------------------------------------------------------------------------------
+FUNCTIONS = ("softmax", "gelu", "layer_norm")
+
+
+def mask_codes(mask: np.ndarray, frac_in: int) -> np.ndarray:
+    """A constant additive softmax mask as codes at the scores' step (int16: -1e4 saturates, exp is 0)."""
+    return quantize_np(mask, frac_in, CODE_RANGE)
+
+
+def apply(fn: str, xp: IntOps, q, c, out_lo: int, out_hi: int, mask=None):
+    """Output codes of ``fn`` on validated codes ``q`` with constants ``c``; a softmax ``mask`` (codes)
+    is added and the sum saturated to the supported input range first."""
+    if fn == "softmax":
+        if mask is not None:
+            q = xp.clip(q + xp.const(mask, q), CODE_RANGE.lo, CODE_RANGE.hi)
+        return softmax_codes(xp, q, c, out_lo, out_hi)
+    if fn == "gelu":
+        return gelu_codes(xp, q, c, out_lo, out_hi)
+    return layer_norm_codes(xp, q, c, out_lo, out_hi)

@@ -46,8 +46,14 @@ class Op(str, enum.Enum):
     CONST = "const"                # constant codes with a leading batch dim of 1 (class token, position embedding)
     MATMUL_INT = "matmul_int"      # int32 accumulate of codes x codes (two activations, batched over leading axes)
     FLOAT_ISLAND = "float_island"  # declared by the target: codes -> float64 -> softmax/GELU/LayerNorm -> codes
+    SOFTMAX_INT = "softmax_int"    # integer-only softmax over the last axis (fxq.int_nonlinear)
+    GELU_INT = "gelu_int"          # integer-only GELU
+    LAYERNORM_INT = "layernorm_int"  # integer-only LayerNorm over the last axis (integer sqrt)
 
 
+# fxq.int_nonlinear's kernels by function name, and back.
+INT_NONLINEAR_OPS = {"softmax": Op.SOFTMAX_INT, "gelu": Op.GELU_INT, "layer_norm": Op.LAYERNORM_INT}
+INT_NONLINEAR_FN = {op: fn for fn, op in INT_NONLINEAR_OPS.items()}
 # Ops that accumulate products of codes and constant weights into an int32 accumulator.
 WEIGHTED_OPS = frozenset({Op.CONV2D_INT, Op.LINEAR_INT, Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
 CONV_OPS = frozenset({Op.CONV2D_INT, Op.CONV2D_CLUSTER})
@@ -132,6 +138,19 @@ def weight_codes(n: Node) -> np.ndarray:
         t = n.consts["t"].astype(np.int64)
         return t * expand(n.consts["alpha"].astype(np.int64), t.shape, int(n.attrs["cluster_size"]))
     return n.consts["w"].astype(np.int64)
+
+
+def int_nonlinear_constants(n: Node, x: TensorType):
+    """fxq.int_nonlinear's constants of an integer softmax/GELU/LayerNorm node with input type ``x``."""
+    from . import int_nonlinear as inl
+    if n.op is Op.SOFTMAX_INT:
+        return inl.softmax_constants(int(x.frac), int(n.out.frac))
+    if n.op is Op.GELU_INT:
+        return inl.gelu_constants(int(x.frac), int(n.out.frac))
+    a = n.attrs
+    return inl.LayerNormConstants(int(a["n"]), int(a["var_shift"]), int(a["eps"]), int(a["norm_shift"]),
+                                  int(a["norm_max"]), int(a["gamma_frac"]), n.consts["gamma"].astype(np.int64),
+                                  n.consts["beta"].astype(np.int64), int(a["out_shift"]))
 
 
 def _frac_text(frac) -> str:
@@ -248,6 +267,12 @@ class Graph:
             ins += [f"{fn} in f64", a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
         elif n.op is Op.CONST:
             ins.append(f"codes[{','.join(map(str, n.consts['codes'].shape))}]")
+        elif n.op is Op.SOFTMAX_INT:
+            ins += ["exp2 poly5, /sum"] + (["+mask"] if "mask" in n.consts else [])
+        elif n.op is Op.GELU_INT:
+            ins.append("relu - poly8")
+        elif n.op is Op.LAYERNORM_INT:
+            ins.append(f"isqrt, g:i16[{a['n']}] f={a['gamma_frac']}, >>{a['out_shift']}")
         return ins
 
     # -- verification ---------------------------------------------------------------------------
@@ -321,4 +346,4 @@ def _attrs_from_json(attrs: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
 
 
-__all__ = ["Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS"]
+__all__ = ["INT_NONLINEAR_OPS", "Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS"]

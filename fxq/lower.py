@@ -18,9 +18,9 @@ import torch.fx as fx
 from . import meta
 from .errors import UnsupportedOp, describe_node
 from .walk import attr_value, data_inputs
-from .fakequant import QAdd, QConv2d, QLinear, clamp_codes
+from .fakequant import IntNonlinear, QAdd, QConv2d, QLinear, clamp_codes
 from .formats import ACC_RANGE, quantize_np, storage_dtype
-from .ir import Graph, Node, Op, TensorType
+from .ir import INT_NONLINEAR_OPS, Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
 
@@ -154,6 +154,9 @@ class _Lowerer:
     def island(self, node, out: TensorType, rounding: str) -> str:
         kind = node.meta[meta.KIND]
         x = self.ir_input(node.args[0])
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, IntNonlinear):
+            return self.integer_nonlinear(node, module, x, out)
         attrs, consts = {"fn": kind, "rounding": rounding}, {}
         if kind == "softmax" and node.op == "call_module":
             consts["mask"] = self.modules[node.target].mask.numpy()
@@ -167,6 +170,18 @@ class _Lowerer:
             if m.bias is not None:
                 consts["bias"] = m.bias.detach().double().numpy()
         return self.emit(node.name, Op.FLOAT_ISLAND, [x], out, attrs, consts)
+
+    def integer_nonlinear(self, node, m: IntNonlinear, x: str, out: TensorType) -> str:
+        """The IR keeps what the kernel needs: fracs in the types, LayerNorm's integer constants, mask codes."""
+        attrs, consts = {}, {}
+        c, mask = m.constants()
+        if m.fn == "layer_norm":
+            attrs = {"n": c.n, "var_shift": c.var_shift, "eps": int(c.eps), "norm_shift": c.norm_shift,
+                     "norm_max": c.norm_max, "gamma_frac": c.gamma_frac, "out_shift": c.out_shift}
+            consts = {"gamma": np.asarray(c.gamma, np.int64), "beta": np.asarray(c.beta, np.int64)}
+        elif mask is not None:
+            consts["mask"] = np.asarray(mask, np.int16)
+        return self.emit(node.name, INT_NONLINEAR_OPS[m.fn], [x], out, attrs, consts)
 
     # -- conv / linear: accumulate in int32 -----------------------------------------------------------
     def as_rows(self, x: str) -> str:

@@ -77,7 +77,8 @@ class Target:
     exp_search_radius: int = 3
     # hessian_search tries this many fractional lengths either side of choose_formats' choice.
     search_radius: int = 2
-    # Ops that may run in float between a dequantize and a quantize.
+    # Ops that run in float64 between a dequantize and a quantize; the others of FLOAT_ISLAND_OPS use
+    # fxq's integer-only kernels (fxq.int_nonlinear), which need power-of-two formats.
     float_islands: frozenset = field(default_factory=frozenset)
 
     def __post_init__(self):
@@ -264,4 +265,5 @@ register_target(Target(
     name="int8",
     description="per-channel int8 weights, affine u8 activations, integer-multiplier + shift requant (torch.ao/ORT-like)",
     w_granularity="channel", scale_kind="dyadic", requant="dyadic", a_affine=True, share_residual_scales=False,
+    float_islands=FLOAT_ISLAND_OPS,        # as in ONNX Runtime and torch.ao: softmax/GELU/LayerNorm stay float
 ))

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import VerifyError
 from .formats import ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, IntRange, int_range
 from .islands import ISLAND_FUNCTIONS
-from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, weight_codes
+from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, int_nonlinear_constants, weight_codes
 
 NARROW = ("int8", "uint8", "int16", "uint16")
 MAX_SHIFT = 31
@@ -159,6 +159,20 @@ def _island(chk: _Check, n: Node, ins: list[TensorType], allowed: set) -> None:
                                                            f"expected [{ins[0].shape[-1]}]")
 
 
+def _int_nonlinear(chk: _Check, n: Node, ins: list[TensorType]) -> None:
+    x = ins[0]
+    chk(x.dtype in NARROW and n.out.dtype in NARROW, "an integer nonlinearity takes and gives narrow codes")
+    chk(x.mant == 1 and x.zp == 0 and n.out.mant == 1 and n.out.zp == 0, "needs power-of-two formats (no mantissa "
+                                                                          "or zero point)")
+    try:
+        int_nonlinear_constants(n, x)
+    except (ValueError, KeyError) as exc:
+        chk(False, f"no integer kernel for these formats: {exc}")
+    if n.op is Op.LAYERNORM_INT:
+        chk(n.attrs["n"] == x.shape[-1], f"n={n.attrs['n']} != the last axis {x.shape[-1]}")
+        chk(n.consts["gamma"].shape == n.consts["beta"].shape == (x.shape[-1],), "gamma/beta shape != the last axis")
+
+
 def _const(chk: _Check, n: Node) -> None:
     codes = n.consts.get("codes")
     chk(codes is not None and tuple(codes.shape) == tuple(n.out.shape), "constant codes missing or of the wrong shape")
@@ -214,6 +228,8 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check, allowed: set = frozenset(
         _matmul(chk, n, ins)
     elif op is Op.FLOAT_ISLAND:
         _island(chk, n, ins, allowed)
+    elif op in (Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT):
+        _int_nonlinear(chk, n, ins)
     elif op is Op.CONST:
         chk(not ins, "a constant takes no inputs")
         _const(chk, n)

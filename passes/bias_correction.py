@@ -41,7 +41,7 @@ from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
-from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
+from fxq.fakequant import FakeQuant, IntNonlinear, QAdd, _QWeighted, set_quantization
 from fxq.formats import max_bias_code, step_of
 
 _CHUNK = 32          # samples per module call, to bound the temporaries of one node
@@ -51,7 +51,7 @@ _CHECK_SAMPLES = 1024    # at most this many calibration samples judge a "checke
 @contextlib.contextmanager
 def _float(module: torch.nn.Module):
     """The same module computing in float (fake-quant modules only; others are unchanged)."""
-    if not isinstance(module, (FakeQuant, QAdd, _QWeighted)):
+    if not isinstance(module, (FakeQuant, QAdd, _QWeighted, IntNonlinear)):
         yield module
         return
     module.enabled = False

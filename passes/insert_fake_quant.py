@@ -4,7 +4,9 @@ Every qpoint gets a FakeQuant module after it; every conv/linear becomes a QConv
 its weights per channel and its bias to int32 at the accumulator's step; a standalone clamp's bounds
 move onto its input's grid. The result computes, in float, exactly the values the integer graph will hold.
 
-Float islands and constants quantize float values directly, like the model input.
+Float islands and constants quantize float values directly, like the model input. A softmax/GELU/
+LayerNorm the target does not declare a float island becomes an IntNonlinear module (fxq.int_nonlinear):
+integer codes in, integer codes out.
 On a dyadic target (``requant`` "dyadic", int8) the FakeQuant that ends a conv/linear/matmul/add/pool also
 carries the integer multiplier and shift of that requant (chosen here, read back by the lowering), a
 fused ReLU/clamp is dropped in favour of the format's code range (which is what the integer graph
@@ -23,7 +25,7 @@ from torch import nn
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
-from fxq.fakequant import DyadicRequant, FakeQuant, QAdd, QConv2d, QLinear, on_grid_clamp
+from fxq.fakequant import DyadicRequant, FakeQuant, IntNonlinear, QAdd, QConv2d, QLinear, on_grid_clamp
 from fxq.formats import dyadic, step_of
 from fxq.walk import data_inputs, format_source
 
@@ -63,6 +65,30 @@ def _dyadic_requant(producer: fx.Node, out_fmt, modules, gm: fx.GraphModule, bit
     raise UnsupportedOp(f"{describe_node(producer)}: no integer op with a dyadic requant produces a {kind!r} output")
 
 
+def _integer_nonlinear(gm: fx.GraphModule, node: fx.Node, modules: dict) -> None:
+    """A softmax/GELU/LayerNorm the target does not run as a float island becomes fxq's integer kernel,
+    between the FakeQuant of its input's codes and its own."""
+    fn = node.meta[meta.KIND]
+    src = format_source(node.args[0])                 # the FakeQuant whose codes the kernel reads
+    (out,) = [u for u in node.users if u.meta[meta.KIND] == "fake_quant"]
+    fq_in, fq_out = modules[src.target], modules[out.target]
+    for what, f in (("input", fq_in.fmt), ("output", fq_out.fmt)):
+        if f.mant != 1 or f.zp != 0:
+            raise UnsupportedOp(f"{describe_node(node)}: the integer {fn} needs power-of-two formats, but its {what} "
+                                f"is {f.describe()}; allow {fn!r} in the target's float_islands")
+    module = modules[node.target] if node.op == "call_module" else None
+    float_args = tuple(node.args[1:]) if node.op == "call_function" else ()
+    kernel = IntNonlinear(fn, module, fq_in, fq_out, int(node.meta[meta.SHAPE][-1]), float_args)
+    try:
+        kernel.constants()
+    except ValueError as exc:
+        raise UnsupportedOp(f"{describe_node(node)}: no integer {fn} for these formats ({exc}); allow {fn!r} in the "
+                            f"target's float_islands") from None
+    name = f"int_{node.name}"
+    gm.add_submodule(name, kernel)
+    node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+
+
 def insert_fake_quant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
     rounding = t.rounding
@@ -96,5 +122,9 @@ def insert_fake_quant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
                         meta.SHAPE: node.meta.get(meta.SHAPE)})
         if value is not node:
             gm.graph.erase_node(node)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.meta[meta.KIND] in meta.ISLANDS and node.meta[meta.KIND] not in t.float_islands:
+            _integer_nonlinear(gm, node, modules)
     return gm
 

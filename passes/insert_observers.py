@@ -17,26 +17,15 @@ import torch.fx as fx
 
 from fxq import meta
 from fxq.context import CompileContext
-from fxq.errors import UnsupportedOp, describe_node
 from fxq.observers import Observer
 
 _PRODUCERS = meta.WEIGHTED | {"add", "matmul"}
-
-
-def _check_island(node: fx.Node, target) -> None:
-    kind = node.meta[meta.KIND]
-    if kind in meta.ISLANDS and kind not in target.float_islands:
-        raise UnsupportedOp(f"{describe_node(node)}: {kind} has no integer form on target {target.name!r}, and the "
-                            f"target does not allow it as a float island; compile with float_islands="
-                            f"{{'softmax', 'gelu', 'layer_norm'}} (or 'all') to compute it in float64 between a "
-                            f"dequantize and a quantize")
 
 
 def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     fused: set[str] = set()
     for node in gm.graph.nodes:
         kind = node.meta[meta.KIND]
-        _check_island(node, ctx.target)
         if kind in _PRODUCERS and len(node.users) == 1 and next(iter(node.users)).meta[meta.KIND] in meta.ACTIVATIONS:
             act = next(iter(node.users))
             node.meta[meta.ROLE] = "acc"

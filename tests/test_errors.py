@@ -61,9 +61,9 @@ def test_unsupported_module_type():
         fxq.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.SiLU()).eval(), X, progress=False)
 
 
-def test_nonlinearity_without_integer_form_or_island_names_the_option():
-    with pytest.raises(UnsupportedOp, match=r"node 'gelu'.*gelu has no integer form on target 'shift-int'.*float_islands"):
-        fxq.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()).eval(), X, progress=False)
+def test_integer_nonlinearity_on_a_dyadic_target_names_the_option():
+    with pytest.raises(UnsupportedOp, match=r"node 'gelu'.*integer gelu needs power-of-two formats.*float_islands"):
+        fxq.compile(nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU()).eval(), X, "int8", float_islands=(), progress=False)
 
 
 def test_training_mode_model_is_compiled_in_eval_mode_with_a_warning():

@@ -44,6 +44,30 @@ def test_vit_with_float_islands_is_three_executor_exact(target, tmp_path):
     assert qm.report().summary["float islands"] == "5 (1 gelu, 3 layer_norm, 1 softmax)"
 
 
+@pytest.mark.parametrize("target", ["shift-int", "fixed-point8"])
+def test_vit_integer_only_has_no_float_island_and_is_three_executor_exact(target, tmp_path):
+    m = _tiny_vit()
+    qm = fxq.compile(m, torch.randn(32, 1, 28, 28), target, progress=False)
+    assert _three_way(qm, torch.randn(8, 1, 28, 28), tmp_path) == (1.0, 1.0)
+    ops = [n.op for n in qm.ir.nodes]
+    assert Op.FLOAT_ISLAND not in ops and qm.report().summary["float islands"] == 0
+    assert (ops.count(Op.LAYERNORM_INT), ops.count(Op.SOFTMAX_INT), ops.count(Op.GELU_INT)) == (3, 1, 1)
+    assert all(n.out.dtype != "float32" for n in qm.ir.nodes[:-1])
+
+
+@pytest.mark.parametrize("kw", [{"search": "hessian"}, {"reconstruct": {"iters": 20}}])
+def test_integer_kernels_follow_formats_that_calibration_passes_move(kw, tmp_path):
+    """hessian_search and reconstruct change steps after the kernels are built: they must follow."""
+    m = _tiny_vit()
+    qm = fxq.compile(m, torch.randn(32, 1, 28, 28), progress=False, **kw)
+    assert _three_way(qm, torch.randn(4, 1, 28, 28), tmp_path) == (1.0, 1.0)
+
+
+def test_int8_target_keeps_nonlinearities_in_float_like_onnx_runtime():
+    qm = fxq.compile(_tiny_vit(), torch.randn(16, 1, 28, 28), "int8", progress=False)
+    assert qm.report().summary["float islands"] == "5 (1 gelu, 3 layer_norm, 1 softmax)"
+
+
 def test_vit_float_model_is_unchanged_by_the_folded_attention_scale():
     """fold_constant_scale moves d**-0.5 into q's weights: with quantization off the model is the original."""
     m = _tiny_vit()
@@ -107,24 +131,27 @@ def test_three_attention_spellings_lower_to_one_form(tmp_path):
     calib, x = torch.randn(32, T, 8), torch.randn(5, T, 8)
     irs = {}
     for name, m in (("explicit", explicit), ("sdpa", sdpa), ("mha", mha)):
-        qm = fxq.compile(m, calib, float_islands="softmax", progress=False)
+        qm = fxq.compile(m, calib, progress=False)
         assert _three_way(qm, x, tmp_path) == (1.0, 1.0), name
         irs[name] = [n.op for n in qm.ir.nodes]
-    core = lambda ops: [o for o in ops if o in (Op.MATMUL_INT, Op.FLOAT_ISLAND, Op.PERMUTE)]  # noqa: E731
+    core = lambda ops: [o for o in ops if o in (Op.MATMUL_INT, Op.SOFTMAX_INT, Op.PERMUTE)]  # noqa: E731
     assert core(irs["explicit"]) == core(irs["sdpa"])
     # MHA adds its out_proj (identity weights here) but attends the same way
     assert core(irs["mha"]) == core(irs["explicit"])
 
 
-def test_causal_mask_becomes_part_of_the_softmax_island(tmp_path):
+@pytest.mark.parametrize("islands_opt", ["softmax", ()])
+def test_causal_mask_becomes_part_of_the_softmax(islands_opt, tmp_path):
     class Causal(_Explicit):
         def attend(self, q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     m = Causal().eval()
-    qm = fxq.compile(m, torch.randn(32, T, 8), float_islands="softmax", progress=False)
-    (island,) = [n for n in qm.ir.nodes if n.op is Op.FLOAT_ISLAND]
-    assert island.consts["mask"].shape == (1, 1, T, T) and island.consts["mask"].min() < -1e3
+    qm = fxq.compile(m, torch.randn(32, T, 8), float_islands=islands_opt, progress=False)
+    (softmax,) = [n for n in qm.ir.nodes if n.op in (Op.FLOAT_ISLAND, Op.SOFTMAX_INT)]
+    assert softmax.consts["mask"].shape == (1, 1, T, T)
+    # float: the mask itself; integer: mask codes saturated at int16's minimum
+    assert softmax.consts["mask"].min() <= (-1e3 if islands_opt else -32768)
     assert not any(n.op is Op.ADD_INT for n in qm.ir.nodes), "the mask is not quantized as an add"
     assert _three_way(qm, torch.randn(4, T, 8), tmp_path) == (1.0, 1.0)
     # the quantized attention stays causal: the first token's output ignores later tokens
