@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from fxq import int_nonlinear as inl
 from fxq import islands
 from fxq.errors import ExportError
-from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, codes_of, exp2, onnx_exact_rounding
+from fxq.formats import DTYPE_RANGES, FP32_EXACT_BITS, Twin, codes_of, exp2, onnx_exact_rounding
 from fxq.ir import (CLUSTER_OPS, CONV_OPS, INT_NONLINEAR_FN, WEIGHTED_OPS, Graph, Node, Op, TensorType,
                     int_nonlinear_constants, weight_codes)
 
@@ -41,7 +41,8 @@ IR_VERSION = 10
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "output"
 # How each IR code dtype travels in ONNX: (ONNX element type, numpy dtype, zero point).
-CARRIERS = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.INT8, np.int8, -128)}
+CARRIERS = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.INT8, np.int8, -128),
+            "int16": (TensorProto.INT16, np.int16, 0)}       # int16: twin-uniform fine codes
 INT16_MAX = 2**15 - 1
 FP32_EXACT_LIMIT = 2**FP32_EXACT_BITS
 ACT_CODE_SPAN = 255      # largest |code| an int8 kernel may see after re-biasing activations to u8
@@ -91,13 +92,19 @@ class _Builder:
 
     # -- constants ---------------------------------------------------------------------------
     def const(self, name: str, value: np.ndarray) -> str:
-        if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.asarray(value), name)
+        """An initializer, shared by name; a name reused for a different value is a bug, not a cache hit."""
+        value = np.asarray(value)
+        if name in self.inits:
+            old = numpy_helper.to_array(self.inits[name])
+            if old.dtype != value.dtype or not np.array_equal(old, value):
+                raise ExportError(f"internal: ONNX initializer {name!r} defined twice with different values")
+            return name
+        self.inits[name] = numpy_helper.from_array(value, name)
         return name
 
     def scale(self, frac) -> str:
         if isinstance(frac, tuple):
-            key = "scale_" + "_".join(str(f) for f in frac)
+            key = "scale_ch_" + "_".join(str(f) for f in frac)
             return self.const(key, np.array([exp2(-f) for f in frac], np.float32))
         return self.const(f"scale_{frac}".replace("-", "m"), np.array(exp2(-frac), np.float32))
 
@@ -167,6 +174,8 @@ class _Builder:
             self.island(n)
         elif n.op in INT_NONLINEAR_FN:
             self.int_nonlinear(n)
+        elif n.op in (Op.TWIN_QUANT, Op.TWIN_EXPAND):
+            self.twin(n)
         elif n.op is Op.CONST:
             carrier = self._carrier(n.out.dtype)
             self.const(n.name, (n.consts["codes"].astype(np.int64) + carrier[2]).astype(carrier[1]))
@@ -255,6 +264,38 @@ class _Builder:
                           out, n.name, 1.0)
         else:
             self.q_double(y, out, n.name, exp2(out.frac))
+
+    def codes_f64(self, tensor: str, tag: str) -> str:
+        """A tensor's integer codes (minus its zero point) as float64 values."""
+        dq = self.dq_of(tensor, self.types[tensor], 0, f"_{tag}_int")
+        return self.node("Cast", [dq], f"{tag}_in_f64", to=TensorProto.DOUBLE)
+
+    def twin(self, n: Node) -> None:
+        """fxq.formats.twin_compress / twin_expand as float64 ops on integer values (exact)."""
+        def op(kind, *ins, tag):
+            return self.node(kind, list(ins), f"{n.name}_{tag}")
+        x = self.codes_f64(n.inputs[0], n.name)
+        if n.op is Op.TWIN_QUANT:
+            bits, m, signed = n.out.twin
+            t = Twin(bits, m, signed)
+            half = self.f64(f"twin_half_{bits}", float(t.half))
+            x = op("Clip", x, self.f64(f"{n.name}_fine_lo", float(t.fine_range.lo)),
+                   self.f64(f"{n.name}_fine_hi", float(t.fine_range.hi)), tag="fine")
+            coarse = op("Round", op("Mul", x, self.f64(f"twin_down_{m}", exp2(-m)), tag="scaled"), tag="coarse")
+            low = 0 if signed else t.half >> m                   # see fxq.formats.twin_compress
+            r2 = op("Add", half, op("Clip", coarse, self.f64(f"twin_low_{low}", float(low)),
+                                    self.f64(f"twin_top_{bits}", float(t.half - 1)), tag="mag"), tag="r2")
+            in_r1 = op("Less", x, self.f64("twin_zero", 0.0) if signed else half, tag="in_r1")
+            r1 = op("Neg", x, tag="r1") if signed else x
+            self.q_double(op("Where", in_r1, r1, r2, tag="codes"), n.out, n.name, 1.0)
+        else:
+            bits, m, signed = self.types[n.inputs[0]].twin
+            half = self.f64(f"twin_half_{bits}", float(2 ** (bits - 1)))
+            in_r2 = op("GreaterOrEqual", x, half, tag="in_r2")
+            mag = op("Where", in_r2, op("Sub", x, half, tag="less_half"), x, tag="mag")
+            r2 = op("Mul", mag, self.f64(f"twin_up_{m}", exp2(m)), tag="r2")
+            r1 = op("Neg", mag, tag="r1") if signed else mag
+            self.q_double(op("Where", in_r2, r2, r1, tag="fine"), n.out, n.name, 1.0)
 
     def int_nonlinear(self, n: Node) -> None:
         """fxq.int_nonlinear's kernel as float64 ops on integer values (all exact below 2**53)."""
@@ -437,7 +478,7 @@ def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) ->
         produced = {o for nd in b.nodes for o in nd.output}
         for n in g.nodes:
             if n.name in produced and n.out.dtype in CARRIERS:
-                graph.output.append(helper.make_tensor_value_info(n.name, TensorProto.INT8, dims(n.out.shape)))
+                graph.output.append(helper.make_tensor_value_info(n.name, CARRIERS[n.out.dtype][0], dims(n.out.shape)))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)

@@ -10,8 +10,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from fxq.errors import InputError
-from fxq.formats import (FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, dyadic_requant_np, quantize_np,
-                         requant_np)
+from fxq.formats import (FP32_EXACT_BITS, FP64_EXACT_BITS, IntRange, Rounding, Twin, dyadic_requant_np, quantize_np,
+                         requant_np, twin_compress, twin_expand)
 from fxq import islands
 from fxq import int_nonlinear as inl
 from fxq.ir import INT_NONLINEAR_FN, Graph, Node, Op, int_nonlinear_constants, weight_codes
@@ -266,10 +266,29 @@ class IntNonlinear(OpRun):
                          node.consts.get("mask"))
 
 
+def _twin(t) -> Twin:
+    bits, m, signed = t.twin
+    return Twin(bits, m, signed)
+
+
+class TwinQuant(OpRun):
+    op = Op.TWIN_QUANT
+
+    def run(self, node, x):
+        return twin_compress(x.astype(np.int64), _twin(node.out))
+
+
+class TwinExpand(OpRun):
+    op = Op.TWIN_EXPAND
+
+    def run(self, node, codes, t=None):
+        return twin_expand(codes.astype(np.int64), _twin(t))
+
+
 OPS = {op: kernel for kernel in (cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt,
                                                    AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape,
                                                    Permute, Select, ExpandBatch, Const, MatmulInt, FloatIsland,
-                                                   IntNonlinear))
+                                                   IntNonlinear, TwinQuant, TwinExpand))
        for op in (kernel.op, *kernel.also)}
 
 
@@ -299,7 +318,7 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         if node.op not in OPS:
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
-        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT):
+        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT, Op.TWIN_EXPAND):
             env[node.name] = OPS[node.op].run(node, xs[0], t=types[node.inputs[0]])
         else:
             env[node.name] = OPS[node.op].run(node, *xs)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clusters import ClusterCodes, quantize_clusters
-from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, int_range, round_torch
+from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, fake_twin, int_range, round_torch
 from .qtypes import ActFormat, ClusterFormat, WeightFormat
 
 
@@ -59,6 +59,8 @@ class FakeQuant(nn.Module):
             # a dyadic requant stands in for the fused ReLU/clamp it follows: keep that activation in float
             return x if self.requant is None else torch.clamp(x, *self.fmt.clamp)
         f = self.fmt
+        if f.twin is not None:
+            return fake_twin(x, f.frac, f.twin, ste=self.ste)
         if self.requant is not None:
             r = f.range
             codes = torch.clamp(self.requant(x, self.rounding) + f.zp, r.lo, r.hi)

@@ -328,3 +328,82 @@ def mse_step(rows: np.ndarray, rng: IntRange, mode: Rounding = DEFAULT_ROUNDING)
         better = err < best_err
         best[better], best_err[better] = step[better], err[better]
     return np.where(dead, exp2(-(rng.hi.bit_length() - 1)), best)
+
+
+# ---------------------------------------------------------------------------------------------
+# twin-uniform codes (PTQ4ViT): b-bit codes whose top bit selects one of two ranges, steps 2**m apart
+# ---------------------------------------------------------------------------------------------
+# Post-GELU values reach down to GELU's minimum, about -0.16997: the fine range must hold it.
+GELU_MIN = -0.16997
+TWIN_FINE_DTYPE = "int16"  # fine codes (magnitude * 2**m) must fit it
+
+
+def twin_max_shift(bits: int) -> int:
+    """The largest ratio exponent m: R1's top edge 2**(bits-1) must be an R2 code (m <= bits - 1, so no gap
+    opens between the ranges), and fine codes (2**(bits-1) - 1) * 2**m must fit TWIN_FINE_DTYPE."""
+    fits = int(math.floor(math.log2(DTYPE_RANGES[TWIN_FINE_DTYPE].hi / (2 ** (bits - 1) - 1))))
+    return min(bits - 1, fits)
+
+
+@dataclass(frozen=True)
+class Twin:
+    """How b-bit twin codes map to "fine" codes at the small step 2**-frac (what consumers multiply).
+
+    ``signed`` False (post-softmax): fine codes 0..half-1 keep R1 (the small step); larger ones go to
+    R2, the step 2**m times coarser. ``signed`` True (post-GELU): negative fine codes use R1 (down to
+    -(half-1)), non-negative ones R2. half = 2**(bits-1); a twin code is range_bit * half + magnitude.
+    """
+    bits: int
+    shift: int            # m: R2's step is 2**m times R1's
+    signed: bool
+
+    @property
+    def half(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
+    def fine_range(self) -> IntRange:
+        top = (self.half - 1) * 2 ** self.shift
+        return IntRange(-(self.half - 1) if self.signed else 0, top)
+
+    @property
+    def code_range(self) -> IntRange:
+        return int_range(self.bits, signed=False)
+
+
+def twin_compress(fine, t: Twin, xp=np):
+    """Fine codes -> twin codes. R2 magnitudes round (DEFAULT_ROUNDING, half to even) and saturate at half - 1 (no overflow
+    into the next code at R2's top edge); R1 codes are exact."""
+    fine = xp.clip(fine, t.fine_range.lo, t.fine_range.hi)
+    coarse = _round_shift(fine, t.shift, xp)
+    in_r1 = fine < 0 if t.signed else fine < t.half
+    r1 = -fine if t.signed else fine
+    # post-softmax: R2 starts at R1's top edge (magnitude half >> m), so the codes stay monotonic
+    r2 = t.half + xp.clip(coarse, 0 if t.signed else t.half >> t.shift, t.half - 1)
+    return xp.where(in_r1, r1, r2)
+
+
+def twin_expand(codes, t: Twin, xp=np):
+    """Twin codes -> fine codes at R1's step: R2 magnitudes shift left by m."""
+    r2 = codes >= t.half
+    mag = xp.where(r2, codes - t.half, codes)
+    return xp.where(r2, mag * 2 ** t.shift, -mag if t.signed else mag)
+
+
+def _round_shift(x, k: int, xp):
+    """x * 2**-k rounded half to even, on integer-valued arrays (float64 exact below 2**52)."""
+    if xp is np:
+        return np.rint(np.asarray(x, np.float64) * 2.0 ** -k).astype(np.int64)
+    return torch.round(x.double() * 2.0 ** -k).to(x.dtype)
+
+
+def fake_twin(x: torch.Tensor, frac: int, t: Twin, ste: bool = False) -> torch.Tensor:
+    """The value twin codes hold for ``x``: fine codes at 2**-frac, compressed and expanded."""
+    fine = torch.round(x.double() * 2.0 ** frac).clamp(t.fine_range.lo, t.fine_range.hi).to(torch.int64)
+    q = (twin_expand(twin_compress(fine, t, torch), t, torch).double() * 2.0 ** -frac).to(x.dtype)
+    return x + (q - x).detach() if ste else q
+
+
+def twin_gelu_frac(bits: int) -> int:
+    """R1's fractional length for post-GELU values: the finest whose half - 1 codes still reach GELU's minimum."""
+    return int(math.floor(math.log2((2 ** (bits - 1) - 1) / -GELU_MIN)))

@@ -178,7 +178,7 @@ class TorchOps(IntOps):
 
     @staticmethod
     def shift_right_floor(x, k: int):
-        return torch.div(x, 2 ** k, rounding_mode="floor")
+        return torch.bitwise_right_shift(x, k)        # arithmetic on int64: floor(x / 2**k)
 
 
 NUMPY, FLOAT64, TORCH = NumpyOps(), Float64Ops(), TorchOps()

@@ -49,6 +49,8 @@ class Op(str, enum.Enum):
     SOFTMAX_INT = "softmax_int"    # integer-only softmax over the last axis (fxq.int_nonlinear)
     GELU_INT = "gelu_int"          # integer-only GELU
     LAYERNORM_INT = "layernorm_int"  # integer-only LayerNorm over the last axis (integer sqrt)
+    TWIN_QUANT = "twin_quant"      # fine codes -> b-bit twin-uniform codes (range bit + magnitude)
+    TWIN_EXPAND = "twin_expand"    # twin codes -> fine codes at the small step (R2 magnitudes << m)
 
 
 # fxq.int_nonlinear's kernels by function name, and back.
@@ -75,6 +77,7 @@ class TensorType:
     hi: int | None = None
     mant: int | tuple = 1             # int8 target: integer mantissa of the step (a tuple is per channel)
     zp: int = 0                       # int8 target: the code of the value 0
+    twin: tuple | None = None         # twin-uniform codes: (bits, m, signed) of fxq.formats.Twin; frac is R1's
 
     @property
     def frac_array(self) -> np.ndarray:
@@ -103,19 +106,27 @@ class TensorType:
         text = f"{SHORT_DTYPE.get(self.dtype, self.dtype)}[{dims}]"
         if self.frac is None:
             return text
+        if self.twin is not None:
+            bits, m, signed = self.twin
+            return f"twin{bits}[{dims}] f={self.frac}|{self.frac - m}"
         if not self.dyadic:
             return f"{text} f={_frac_text(self.frac)}"
         zp = f" zp={self.zp}" if self.zp else ""
         return f"{text} s={_frac_text(self.mant)}*2^-{_frac_text(self.frac)}{zp}"
 
     def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi,
-                "mant": _jsonable(self.mant), "zp": self.zp}
+        d = {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi,
+             "mant": _jsonable(self.mant), "zp": self.zp}
+        if self.twin is not None:
+            d["twin"] = list(self.twin)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorType":
         tup = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
-        return cls(d["dtype"], tuple(d["shape"]), tup(d["frac"]), d["lo"], d["hi"], tup(d.get("mant", 1)), d.get("zp", 0))
+        twin = d.get("twin")
+        return cls(d["dtype"], tuple(d["shape"]), tup(d["frac"]), d["lo"], d["hi"], tup(d.get("mant", 1)), d.get("zp", 0),
+                   None if twin is None else (int(twin[0]), int(twin[1]), bool(twin[2])))
 
 
 @dataclass
@@ -267,6 +278,11 @@ class Graph:
             ins += [f"{fn} in f64", a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
         elif n.op is Op.CONST:
             ins.append(f"codes[{','.join(map(str, n.consts['codes'].shape))}]")
+        elif n.op is Op.TWIN_QUANT:
+            bits, m, signed = n.out.twin
+            ins.append(f"{'neg' if signed else f'<{2 ** (bits - 1)}'} -> R1, else R2 >>{m} {a['rounding']}")
+        elif n.op is Op.TWIN_EXPAND:
+            ins.append(f"R2 <<{self.types()[n.inputs[0]].twin[1]}")
         elif n.op is Op.SOFTMAX_INT:
             ins += ["exp2 poly5, /sum"] + (["+mask"] if "mask" in n.consts else [])
         elif n.op is Op.GELU_INT:

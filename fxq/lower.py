@@ -19,7 +19,7 @@ from . import meta
 from .errors import UnsupportedOp, describe_node
 from .walk import attr_value, data_inputs
 from .fakequant import IntNonlinear, QAdd, QConv2d, QLinear, clamp_codes
-from .formats import ACC_RANGE, quantize_np, storage_dtype
+from .formats import ACC_RANGE, DEFAULT_ROUNDING, quantize_np, storage_dtype
 from .ir import INT_NONLINEAR_OPS, Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
@@ -69,9 +69,10 @@ class _Lowerer:
                 t = self.types[src]
                 output = self.emit("output", Op.DEQUANTIZE, [src], TensorType("float32", t.shape))
             elif kind == "fake_quant":
-                self.name_of[node.name] = self.requantize(node)
+                name = self.requantize(node)
                 last = next(n for n in reversed(self.nodes) if n.op is not Op.RESHAPE)
                 last.attrs["src"] = node.name      # where report() finds its float value
+                self.name_of[node.name] = self.twin(name, node.meta[meta.ACT_FMT])
             elif kind in meta.WEIGHTED:
                 self.name_of[node.name] = self.weighted(node)
             elif role == "pass":
@@ -140,6 +141,17 @@ class _Lowerer:
                 attrs.update(multiplier=int(dyadic.multiplier), shift=int(dyadic.shift), x_zp=self.types[x].zp)
             return self.emit(name, Op.AVGPOOL_INT, [x], out, attrs)
         raise UnsupportedOp(f"{describe_node(src)}: no integer op produces a {kind!r} output")
+
+    def twin(self, name: str, fmt: ActFormat) -> str:
+        """Twin-uniform qpoints: the producer's fine codes are stored as b-bit twin codes and expanded
+        again (R2 shifted left by m) where they are read."""
+        if fmt.twin is None:
+            return name
+        t, fine = fmt.twin, self.types[name]
+        code = replace(fine, dtype=storage_dtype(t.bits, False), lo=t.code_range.lo, hi=t.code_range.hi,
+                       twin=(t.bits, t.shift, t.signed))
+        packed = self.emit(f"{name}_twin", Op.TWIN_QUANT, [name], code, {"rounding": DEFAULT_ROUNDING.value})
+        return self.emit(f"{name}_fine", Op.TWIN_EXPAND, [packed], fine)
 
     # -- matmul of two activations, float islands ----------------------------------------------------
     def matmul(self, node) -> str:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .formats import IntRange, int_range, round_np, step_of, storage_dtype
+from .formats import TWIN_FINE_DTYPE, IntRange, Twin, twin_max_shift, int_range, round_np, step_of, storage_dtype
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,14 @@ class ActFormat:
     clamp: tuple[float, float] = (-float("inf"), float("inf"))
     mant: int = 1
     zp: int = 0
+    # Twin-uniform (PTQ4ViT): ``bits``-bit twin codes; ``frac`` is then the small step's (R1's), and the
+    # producer writes, and consumers read, "fine" int16 codes at that step (see fxq.formats.Twin).
+    twin: Twin | None = None
 
     @property
     def dtype(self) -> str:
+        if self.twin is not None:
+            return TWIN_FINE_DTYPE
         return storage_dtype(self.bits, self.signed)
 
     @property
@@ -54,6 +59,8 @@ class ActFormat:
 
     @property
     def range(self) -> IntRange:
+        if self.twin is not None:
+            return self.twin.fine_range
         full = int_range(self.bits, self.signed)
         lo, hi = (round_np(np.array(c) / self.step) + self.zp for c in self.clamp)
         return IntRange(int(max(full.lo, lo)), int(min(full.hi, hi)))
@@ -65,7 +72,23 @@ class ActFormat:
         """This format at ``other``'s scale and zero point (a sibling taking its master's)."""
         return replace(self, frac=int(other.frac), mant=int(other.mant), zp=int(other.zp))
 
+    def with_twin_shift(self, shift: int) -> "ActFormat":
+        """Post-softmax twins keep R2's step (2**-(bits-1)) and move R1's; post-GELU ones keep R1's."""
+        t = self.twin
+        frac = self.frac if t.signed else self.bits - 1 + shift
+        return replace(self, frac=int(frac), twin=replace(t, shift=int(shift)))
+
+    def neighbours(self, radius: int) -> list["ActFormat"]:
+        """This format and the ones up to ``radius`` steps finer or coarser (twin: R2/R1 ratio 2**m)."""
+        if self.twin is None:
+            return [self.with_frac(self.frac + k) for k in range(-radius, radius + 1)]
+        shifts = range(max(0, self.twin.shift - radius), min(twin_max_shift(self.bits), self.twin.shift + radius) + 1)
+        return [self.with_twin_shift(m) for m in shifts]
+
     def describe(self) -> str:
+        if self.twin is not None:
+            t = self.twin
+            return f"twin u{self.bits} f={self.frac} R2 step x2^{t.shift} ({'neg|pos' if t.signed else 'small|large'})"
         r = self.range
         scale = f"f={self.frac}" if self.mant == 1 else f"s={self.mant}*2^-{self.frac}"
         zp = f" zp={self.zp}" if self.zp else ""

@@ -21,6 +21,7 @@ SCALE_KINDS = ("pow2", "fixed_point", "dyadic")
 REQUANT_KINDS = ("shift", "dyadic")
 TERNARY_THRESHOLDS = ("l2", "twn")   # per-cluster L2-optimal threshold, or TWN's 0.7 * mean|w|
 FLOAT_ISLAND_OPS = ISLAND_FUNCTIONS
+TWIN_OPS = ("softmax", "gelu")
 # Fields that only mean something for one granularity: overriding them elsewhere is a mistake.
 CLUSTER_FIELDS = ("cluster_size", "cluster_scale_bits", "ternary_threshold")
 DYADIC_FIELDS = ("scale_mant_bits", "multiplier_bits", "act_range_search", "a_affine")
@@ -80,6 +81,8 @@ class Target:
     # Ops that run in float64 between a dequantize and a quantize; the others of FLOAT_ISLAND_OPS use
     # fxq's integer-only kernels (fxq.int_nonlinear), which need power-of-two formats.
     float_islands: frozenset = field(default_factory=frozenset)
+    # Post-softmax / post-GELU activations in twin-uniform codes (PTQ4ViT): two power-of-two steps, 2**m apart.
+    twin_uniform: frozenset = frozenset(TWIN_OPS)
 
     def __post_init__(self):
         for fld in ("w_bits", "a_bits"):
@@ -140,6 +143,17 @@ class Target:
             raise TargetError(f"target {self.name!r}: float_islands has unknown ops {sorted(bad)}; "
                               f"known: {FLOAT_ISLAND_OPS}")
         object.__setattr__(self, "float_islands", frozenset(self.float_islands))
+        twin = self.twin_uniform
+        if isinstance(twin, str):
+            twin = TWIN_OPS if twin == "all" else [n.strip() for n in twin.split(",") if n.strip()]
+        twin = frozenset(twin or ())
+        if twin - set(TWIN_OPS):
+            raise TargetError(f"target {self.name!r}: twin_uniform has unknown ops {sorted(twin - set(TWIN_OPS))}; "
+                              f"known: {TWIN_OPS}")
+        if twin and self.scale_kind == "dyadic":
+            raise TargetError(f"target {self.name!r}: twin_uniform needs power-of-two steps (R2's step is 2**m "
+                              f"times R1's); scale_kind 'dyadic' has none. Pass twin_uniform=()")
+        object.__setattr__(self, "twin_uniform", twin)
 
     def _check_dyadic(self) -> None:
         dyadic_scale, dyadic_requant = self.scale_kind == "dyadic", self.requant == "dyadic"
@@ -220,6 +234,7 @@ class Target:
                     f"a{self.edge_a_bits} in/out" if self.edge_a_bits else ""))) or "same",
                 "shared residual scales": self.share_residual_scales,
                 "float islands": ",".join(sorted(self.float_islands)) or "-",
+                "twin uniform": ",".join(sorted(self.twin_uniform)) or "-",
                 "description": self.description}
 
 
@@ -266,4 +281,5 @@ register_target(Target(
     description="per-channel int8 weights, affine u8 activations, integer-multiplier + shift requant (torch.ao/ORT-like)",
     w_granularity="channel", scale_kind="dyadic", requant="dyadic", a_affine=True, share_residual_scales=False,
     float_islands=FLOAT_ISLAND_OPS,        # as in ONNX Runtime and torch.ao: softmax/GELU/LayerNorm stay float
+    twin_uniform=(),
 ))

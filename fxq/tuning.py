@@ -44,6 +44,11 @@ def set_activation_frac(gm: fx.GraphModule, fq: fx.Node, frac: int, acc_bits: in
 
     Consumers' accumulator steps follow; a consumer whose bias code would then overflow gets the
     coarser weight step choose_formats would have given it."""
+    return set_activation_format(gm, fq, lambda f: f.with_frac(frac), acc_bits)
+
+
+def set_activation_format(gm: fx.GraphModule, fq: fx.Node, change, acc_bits: int) -> list[fx.Node]:
+    """Give ``fq`` and its share group the format ``change(their format)`` (set_activation_frac's rules)."""
     modules = dict(gm.named_modules())
     group = share_group(gm, fq)
     for node in group:
@@ -51,7 +56,7 @@ def set_activation_frac(gm: fx.GraphModule, fq: fx.Node, frac: int, acc_bits: in
         if module.requant is not None:
             raise UnsupportedOp(f"{describe_node(node)}: its step is fixed by a dyadic requant; "
                                 f"only power-of-two targets can change activation steps after insert_fake_quant")
-        fmt = module.fmt.with_frac(frac)
+        fmt = change(module.fmt)
         module.fmt = fmt
         node.meta[meta.ACT_FMT] = fmt
         node.args[0].meta[meta.ACT_FMT] = fmt

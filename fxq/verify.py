@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import VerifyError
-from .formats import ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, IntRange, int_range
+from .formats import (ACC_RANGE, DTYPE_RANGES, FP64_EXACT_BITS, FRAC_LIMITS, TWIN_FINE_DTYPE, IntRange, Twin, int_range,
+                      storage_dtype)
 from .islands import ISLAND_FUNCTIONS
 from .ir import CLUSTER_OPS, CONV_OPS, WEIGHTED_OPS, Graph, Node, Op, TensorType, int_nonlinear_constants, weight_codes
 
@@ -173,6 +174,25 @@ def _int_nonlinear(chk: _Check, n: Node, ins: list[TensorType]) -> None:
         chk(n.consts["gamma"].shape == n.consts["beta"].shape == (x.shape[-1],), "gamma/beta shape != the last axis")
 
 
+def _twin(chk: _Check, n: Node, ins: list[TensorType]) -> None:
+    x = ins[0]
+    if n.op is Op.TWIN_QUANT:
+        chk(n.out.twin is not None and x.twin is None, "twin_quant turns fine codes into twin codes")
+        bits, m, signed = n.out.twin
+        fine = Twin(bits, m, signed).fine_range
+        chk(x.dtype == TWIN_FINE_DTYPE and x.lo >= fine.lo and x.hi <= fine.hi,
+            f"fine codes {x.short()} [{x.lo}, {x.hi}] outside the twin's fine range [{fine.lo}, {fine.hi}]")
+        chk(n.out.dtype == storage_dtype(bits, False) and (n.out.lo, n.out.hi) == (0, 2 ** bits - 1),
+            f"twin codes must be u{bits}")
+    else:
+        chk(x.twin is not None, "twin_expand reads twin codes")
+        bits, m, signed = x.twin
+        fine = Twin(bits, m, signed).fine_range
+        chk(n.out.twin is None and n.out.dtype == TWIN_FINE_DTYPE and (n.out.lo, n.out.hi) == (fine.lo, fine.hi),
+            f"expanded codes must be {TWIN_FINE_DTYPE} in [{fine.lo}, {fine.hi}]")
+    chk(n.out.frac == x.frac, "twin codes keep the small step's fractional length")
+
+
 def _const(chk: _Check, n: Node) -> None:
     codes = n.consts.get("codes")
     chk(codes is not None and tuple(codes.shape) == tuple(n.out.shape), "constant codes missing or of the wrong shape")
@@ -230,6 +250,8 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check, allowed: set = frozenset(
         _island(chk, n, ins, allowed)
     elif op in (Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT):
         _int_nonlinear(chk, n, ins)
+    elif op in (Op.TWIN_QUANT, Op.TWIN_EXPAND):
+        _twin(chk, n, ins)
     elif op is Op.CONST:
         chk(not ins, "a constant takes no inputs")
         _const(chk, n)
@@ -265,6 +287,8 @@ def verify(g: Graph) -> None:
             chk(n.op is Op.DEQUANTIZE, "a float tensor outside the graph's dequantize (no float islands are declared)")
         if n.op is not Op.QUANTIZE:
             chk(all(t.dtype != "float32" for t in ins), "float input outside the graph's quantize")
+        if n.op is not Op.TWIN_EXPAND:
+            chk(all(t.twin is None for t in ins), "twin codes may only be read by twin_expand")
         _rule(n, ins, chk, allowed)     # op rules first: they explain *why* a range is out of bounds
         _check_type(chk, n.out, "output")
         seen_names.add(n.name)

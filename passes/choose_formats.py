@@ -13,6 +13,7 @@ become codes times one fixed-point scale per cluster of input channels (fxq.clus
 records the scales' fractional length per filter.
 
 Reads: ``meta[OBSERVER]``, ``meta[ROLE]``, ``meta[KIND]``, the layers' weights, ``ctx.target``.
+Post-softmax and post-GELU activations take twin-uniform codes where ``twin_uniform`` lists them.
 Activations at the network's edges (input, the last layer's input, the output) take ``edge_a_bits``
 when the target sets it.
 Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat or
@@ -24,13 +25,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import torch
 import torch.fx as fx
 
 from fxq import meta
 from fxq.clusters import choose_cluster_frac
 from fxq.context import CompileContext
 from fxq.errors import CalibrationError, describe_node
-from fxq.formats import dyadic, fit_bias_frac, int_range, mse_step, search_affine, search_frac, std_frac
+from fxq.formats import (Twin, dyadic, fake_twin, fit_bias_frac, int_range, mse_step, search_affine, search_frac,
+                         std_frac, twin_gelu_frac, twin_max_shift)
 from fxq.qtypes import ActFormat, ClusterFormat, WeightFormat
 from fxq.targets import Target
 from fxq.walk import format_source, is_nonnegative, weighted_layers
@@ -65,6 +68,18 @@ def _activation_frac(obs, fmt: ActFormat, t: Target) -> int:
     # would be the clamp itself ([0, 6] for ReLU6), not the codes available.
     codes = int_range(fmt.bits, fmt.signed)
     return int(search_frac(sample[None, :], codes, t.exp_search_radius, t.rounding)[0])
+
+
+def twin_format(obs, kind: str, t: Target) -> ActFormat:
+    """Post-softmax (R2 = [0, 1) at 2**-(bits-1)) or post-GELU (R1 holds GELU's minimum) twin codes; the
+    ratio 2**m of the two steps with the least squared error on the observed sample."""
+    signed = kind == "gelu"
+    frac = twin_gelu_frac(t.a_bits) if signed else t.a_bits - 1
+    base = ActFormat(frac, t.a_bits, signed, twin=Twin(t.a_bits, 0, signed)).with_twin_shift(0)
+    sample = torch.from_numpy(np.asarray(obs.sample(), np.float64))
+    cands = base.neighbours(twin_max_shift(t.a_bits))
+    errs = [float(((fake_twin(sample, f.frac, f.twin) - sample) ** 2).sum()) for f in cands]
+    return cands[int(np.argmin(errs))]
 
 
 def weight_format(w: np.ndarray, t: Target):
@@ -108,6 +123,9 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         if not obs.seen:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
+        if node.meta[meta.KIND] in t.twin_uniform:
+            node.meta[meta.ACT_FMT] = twin_format(obs, node.meta[meta.KIND], t)
+            continue
         fmt = activation_format(node, t)
         if node.name in edges:
             fmt = replace(fmt, bits=t.edge_a_bits)

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
 from fxq.fakequant import FakeQuant, QConv2d, _QWeighted, set_quantization
-from fxq.formats import fake_quant
-from fxq.tuning import fake_quant_nodes, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
+from fxq.formats import fake_quant, fake_twin
+from fxq.tuning import fake_quant_nodes, set_activation_format, set_weight_frac, share_group, sync_weight_meta
 
 _BATCH = 8           # samples per forward/backward: bounds the memory of every captured tensor
 
@@ -62,14 +62,21 @@ def _captured(gm: fx.GraphModule, x: torch.Tensor, modules: dict, names: list[st
     return {n: (store[n][0], store[n][1].detach(), g) for n, g in zip(keep, grads) if g is not None}
 
 
-def _fq_error(fq: FakeQuant, value: torch.Tensor, grad: torch.Tensor, fracs) -> np.ndarray:
+def _fq_error(fq: FakeQuant, value: torch.Tensor, grad: torch.Tensor, fmts) -> np.ndarray:
     g2 = grad.double() ** 2
     v = value.double()
-    return np.array([float((g2 * (fake_quant(v, f, fq.fmt.with_frac(f).range, fq.rounding) - v) ** 2).sum())
-                     for f in fracs])
+    return np.array([float((g2 * (_quantized(v, f, fq.rounding) - v) ** 2).sum()) for f in fmts])
+
+
+def _quantized(v: torch.Tensor, fmt, rounding) -> torch.Tensor:
+    if fmt.twin is not None:
+        return fake_twin(v, fmt.frac, fmt.twin)
+    return fake_quant(v, fmt.frac, fmt.range, rounding)
 
 
 def _search_activations(gm, ctx, modules, x) -> int:
+    """Per share group, the neighbouring format (a finer or coarser step; for twin-uniform codes, the
+    ratio of the two steps) with the least Hessian-weighted error."""
     t = ctx.target
     nodes = [n for n in fake_quant_nodes(gm) if modules[n.target].requant is None]
     groups, seen = [], set()
@@ -78,23 +85,27 @@ def _search_activations(gm, ctx, modules, x) -> int:
             g = share_group(gm, n)
             seen.update(m.name for m in g)
             groups.append(g)
-    centre = {tuple(m.target for m in g): int(modules[g[0].target].fmt.frac) for g in groups}
-    err = {key: np.zeros(2 * t.search_radius + 1) for key in centre}
-    offsets = np.arange(-t.search_radius, t.search_radius + 1)
+    cands = {tuple(m.target for m in g): modules[g[0].target].fmt.neighbours(t.search_radius) for g in groups}
+    err = {key: np.zeros(len(c)) for key, c in cands.items()}
     names = [n.target for n in nodes]
     for batch in tqdm(x.split(_BATCH), desc="fxq hessian search (activations)", disable=not ctx.progress, leave=False):
         cap = _captured(gm, batch, modules, names, want_input=False)
-        for key, f0 in centre.items():
+        for key, fmts in cands.items():
             for target in key:
                 if target in cap:
                     _, value, grad = cap[target]
-                    err[key] += _fq_error(modules[target], value, grad, f0 + offsets)
+                    # each member is judged at its own sign/bits, with the group's candidate step
+                    own = [modules[target].fmt.with_frac(f.frac) if f.twin is None else f for f in fmts]
+                    err[key] += _fq_error(modules[target], value, grad, own)
     changed = 0
     for g in groups:
         key = tuple(m.target for m in g)
-        best = int(centre[key] + offsets[int(np.argmin(err[key]))])
-        if best != centre[key]:
-            set_activation_frac(gm, g[0], best, t.acc_bits)
+        best = cands[key][int(np.argmin(err[key]))]
+        current = modules[g[0].target].fmt
+        if (best.frac, best.twin) != (current.frac, current.twin):
+            twin = best.twin
+            set_activation_format(gm, g[0], (lambda f, b=best: b) if twin is not None
+                                  else (lambda f, b=best: f.with_frac(b.frac)), t.acc_bits)
             changed += len(g)
     return changed
 

@@ -113,8 +113,8 @@ class _Reconstructor:
         share_scales group lives in this block (a group reaching other blocks keeps share_scales' step:
         a step fitted to one block's members could clip the others)."""
         m = self.modules[node.target]
-        if not self.learn_steps or m.requant is not None or node.target in self.snapped:
-            return False
+        if not self.learn_steps or m.requant is not None or m.fmt.twin is not None or node.target in self.snapped:
+            return False            # twin-uniform steps are hessian_search's (their ratio is searched, not learned)
         return all(g.name in inside for g in share_group(self.gm, node))
 
     def _wrappers(self, block: Block):
