@@ -29,12 +29,14 @@ demo: $(STAMP)
 fashion-mnist:
 	@test -f $(FMNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
 
-# Fashion-MNIST zoo (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py),
+# Fashion-MNIST CNNs (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py),
+# then the ViT (tools/bench_vit.py: twin-uniform + Hessian against naive, float islands and integer-only),
 # then the low-bit rows (tools/bench_lowbit.py: Hessian search and reconstruction, several hours on 2 cores);
 # each writes docs/ and its README block.
 bench: $(STAMP) fashion-mnist photos
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_efficientnet.py
+	$(BIN)/python tools/bench_vit.py
 	$(BIN)/python tools/bench_lowbit.py
 
 # Real photographs for scoring EfficientNet-Lite1: Debian wallpaper/sample packages fetched with

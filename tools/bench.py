@@ -149,7 +149,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=zoo.names())
+    p.add_argument("--models", nargs="+", default=zoo.cnn_names())
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--threads", type=int, default=1)

@@ -161,7 +161,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=zoo.names())
+    p.add_argument("--models", nargs="+", default=zoo.cnn_names())
     p.add_argument("--bits", nargs="+", default=MAIN_BITS, choices=list(BITS))
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per block (default: fxq's)")

@@ -78,9 +78,18 @@ PACKAGED = {
 }
 
 
+# Bundled transformers: no BatchNorm (so no data-free formats); tools/bench_vit.py benchmarks them.
+TRANSFORMERS = frozenset({"vit"})
+
+
 def names() -> list[str]:
-    """The bundled Fashion-MNIST models (what the CLI, tools/bench.py and train_zoo iterate over)."""
+    """The bundled Fashion-MNIST models (what the CLI, the zoo tests and train_zoo iterate over)."""
     return sorted(MODELS)
+
+
+def cnn_names() -> list[str]:
+    """The bundled convolutional models (BatchNorm, data-free formats; tools/bench.py and bench_lowbit.py)."""
+    return [n for n in names() if n not in TRANSFORMERS]
 
 
 def imagenet_names() -> list[str]:
@@ -164,6 +173,6 @@ def provenance(name: str) -> dict:
             "preprocessing": spec.preprocessing, "notes": spec.notes}
 
 
-__all__ = ["MODELS", "MobileNetV2", "PACKAGED", "PackagedModel", "ResNet", "all_names", "available",
+__all__ = ["MODELS", "TRANSFORMERS", "cnn_names", "MobileNetV2", "PACKAGED", "PackagedModel", "ResNet", "all_names", "available",
            "imagenet_names", "input_shape", "load", "mobilenetv2", "names", "provenance", "provenance_path",
            "resnet", "ViT", "vit", "weights_path"]
