@@ -58,6 +58,13 @@ class Sym:
     def __ror__(self, o): return self.ops.logical("Or", o, self)
     def __invert__(self): return self.ops.logical_not(self)
 
+    def __getitem__(self, key):
+        """Only ``x[..., None]``, a trailing unit axis (Unsqueeze), as masked_mean broadcasts its mask."""
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] is Ellipsis and key[1] is None):
+            raise TypeError(f"{self}: a traced ONNX tensor supports only x[..., None] indexing, got {key!r}")
+        axes = self.ops.b.const(LAST_AXIS, np.array([-1], np.int64))
+        return self.ops._node("Unsqueeze", [self.ops._num(self), axes])
+
 
 class OnnxOps(inl.IntOps):
     """The ONNX spelling: each method appends the float64 nodes that compute what ``Float64Ops`` computes.
@@ -155,10 +162,14 @@ class OnnxOps(inl.IntOps):
         return self.unary("Abs", x)
 
     def _reduce(self, op, x, axis, keepdims):
-        if axis != -1 or not keepdims:
-            raise ValueError(f"{op}: only the last axis with keepdims, as the algorithms use")
-        axes = self.b.const(LAST_AXIS, np.array([-1], np.int64))
-        return self._node(op, [self._num(x), axes], keepdims=1)
+        if axis == -1 and keepdims:
+            axes = self.b.const(LAST_AXIS, np.array([-1], np.int64))
+            return self._node(op, [self._num(x), axes], keepdims=1)
+        # one other axis, with or without keepdims (masked_mean sums over the token axis 1)
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise ValueError(f"{op}: axis must be one integer, got {axis!r}")
+        axes = self.b.const(f"inl_axes_{int(axis)}".replace("-", "m"), np.array([int(axis)], np.int64))
+        return self._node(op, [self._num(x), axes], keepdims=int(bool(keepdims)))
 
     def amax(self, x, axis=-1, keepdims=True):
         return self._reduce("ReduceMax", x, axis, keepdims)
@@ -184,13 +195,23 @@ ALGORITHMS = {
     "softmax": (inl.softmax_codes, inl.SoftmaxConstants),
     "gelu": (inl.gelu_codes, inl.GeluConstants),
     "layer_norm": (inl.layer_norm_codes, inl.LayerNormConstants),
+    "masked_mean": (inl.masked_mean_codes, inl.MaskedMeanConstants),
+    "l2_normalize": (inl.l2_normalize_codes, inl.L2NormalizeConstants),
 }
+# the float64 input tensors a function reads besides x, passed to emit as ``extra`` (name -> tensor name),
+# in the order its *_codes function takes them after the codes
+EXTRA_INPUTS = {"masked_mean": ("valid",)}
 
 
-def emit(builder, fn: str, x: str, consts, out_lo: int, out_hi: int, prefix: str) -> str:
+def emit(builder, fn: str, x: str, consts, out_lo: int, out_hi: int, prefix: str,
+         extra: dict[str, str] | None = None) -> str:
     """Append ``fn`` ("softmax", "gelu" or "layer_norm") on the float64 codes tensor ``x`` (integer-valued,
     within int16, last axis as long as the constants say) and return the name of its float64 output codes,
     clamped to [out_lo, out_hi]. ``consts`` comes from the matching ``*_constants``, which checked the fracs.
+
+    "masked_mean" (x [N, T, D] -> [N, D], T <= 4096) also reads ``extra={"valid": name}``, a float64 [N, T]
+    tensor of 0/1 (see EXTRA_INPUTS); "l2_normalize" (last axis, D <= 4096) needs nothing more. Functions
+    without extra inputs take ``extra=None`` (or {}), so existing calls are unchanged.
     """
     key = fn.removeprefix("int_")
     if key not in ALGORITHMS:
@@ -199,5 +220,9 @@ def emit(builder, fn: str, x: str, consts, out_lo: int, out_hi: int, prefix: str
     if not isinstance(consts, const_type):
         raise TypeError(f"{fn}: constants must be {const_type.__name__}, got {type(consts).__name__}")
     lo, hi = inl._out_range(f"int_{key}", out_lo, out_hi)
+    names, extra = EXTRA_INPUTS.get(key, ()), dict(extra or {})
+    if set(extra) != set(names):
+        raise ValueError(f"{fn}: extra inputs must be exactly {list(names)}, got {sorted(extra)}")
     xp = OnnxOps(builder, prefix)
-    return codes_fn(xp, xp.codes(x, fn), consts, lo, hi).name
+    ins = [xp.codes(extra[n], fn) for n in names]
+    return codes_fn(xp, xp.codes(x, fn), *ins, consts, lo, hi).name

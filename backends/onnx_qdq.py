@@ -176,6 +176,18 @@ class _Builder:
             self.int_nonlinear(n)
         elif n.op in (Op.TWIN_QUANT, Op.TWIN_EXPAND):
             self.twin(n)
+        elif n.op is Op.GATHER:
+            carrier = self._carrier(n.out.dtype)
+            table = self.const(f"{n.name}_table", (n.consts["table"].astype(np.int64) + carrier[2]).astype(carrier[1]))
+            self.node("Gather", [table, ONNX_INPUT if ins[0] == self.g.input_name else ins[0]], n.name, axis=0)
+        elif n.op is Op.TOKEN_MASK:
+            compare = {"ne": "Equal", "eq": "Equal", "gt": "Greater", "ge": "GreaterOrEqual", "lt": "Less",
+                       "le": "LessOrEqual"}[n.attrs["compare"]]
+            value = self.const(f"{n.name}_value", np.array(n.attrs["value"], np.int64))
+            hit = self.node(compare, [ONNX_INPUT, value], f"{n.name}_bool")
+            if n.attrs["compare"] == "ne":
+                hit = self.node("Not", [hit], f"{n.name}_not")
+            self.node("Cast", [hit], n.name, to=TensorProto.DOUBLE)     # 0/1, read only by masked ops
         elif n.op is Op.CONST:
             carrier = self._carrier(n.out.dtype)
             self.const(n.name, (n.consts["codes"].astype(np.int64) + carrier[2]).astype(carrier[1]))
@@ -245,7 +257,27 @@ class _Builder:
         if mant != 1:                  # dq leaves a dyadic step's mantissa out; the function needs the value
             x = self.node("Mul", [x, self.f64(f"{n.name}_in_mant", float(mant))], f"{n.name}_in_value")
         fn = n.attrs["fn"]
-        if fn == "softmax":
+        if fn == "softmax" and "on_invalid" in n.attrs:
+            valid = n.inputs[1]
+            keys = self.node("Unsqueeze", [valid, self.const("axes_1_2", np.array([1, 2], np.int64))], f"{n.name}_keys")
+            bias = self.node("Where", [self.node("Cast", [keys], f"{n.name}_keys_bool", to=TensorProto.BOOL),
+                                       self.f64(f"{n.name}_on_valid", n.attrs["on_valid"]),
+                                       self.f64(f"{n.name}_on_invalid", n.attrs["on_invalid"])], f"{n.name}_bias")
+            y = self.node("Softmax", [self.node("Add", [x, bias], f"{n.name}_masked")], f"{n.name}_f64", axis=-1)
+        elif fn == "masked_mean":
+            m = self.node("Unsqueeze", [n.inputs[1], self.const("axes_m1", np.array([-1], np.int64))], f"{n.name}_m")
+            total = self.node("ReduceSum", [self.node("Mul", [x, m], f"{n.name}_xm"), self.const("axes_1", np.array([1], np.int64))],
+                              f"{n.name}_sum", keepdims=0)
+            count = self.node("ReduceSum", [m, self.const("axes_1", np.array([1], np.int64))], f"{n.name}_count", keepdims=0)
+            count = self.node("Max", [count, self.f64("one_f64", 1.0)], f"{n.name}_count_1")
+            y = self.node("Div", [total, count], f"{n.name}_f64")
+        elif fn == "l2_normalize":
+            sq = self.node("ReduceSum", [self.node("Mul", [x, x], f"{n.name}_sq"), self.const("axes_m1", np.array([-1], np.int64))],
+                           f"{n.name}_sumsq", keepdims=1)
+            norm = self.node("Max", [self.node("Sqrt", [sq], f"{n.name}_norm"), self.f64(f"{n.name}_eps", n.attrs["eps"])],
+                             f"{n.name}_norm_eps")
+            y = self.node("Div", [x, norm], f"{n.name}_f64")
+        elif fn == "softmax":
             if "mask" in n.consts:
                 x = self.node("Add", [x, self.f64(f"{n.name}_mask", n.consts["mask"])], f"{n.name}_masked")
             y = self.node("Softmax", [x], f"{n.name}_f64", axis=-1)
@@ -306,8 +338,19 @@ class _Builder:
             x = self.node("Add", [x, self.f64(f"{n.name}_mask", n.consts["mask"].astype(np.float64))], f"{n.name}_masked")
             lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
             x = self.node("Clip", [x, lo, hi], f"{n.name}_masked_clip")
+        if "key_mask" in n.attrs:                  # per key token: the mask's code if valid, else padding's
+            on_valid, on_invalid = n.attrs["key_mask"]
+            keys = self.node("Unsqueeze", [n.inputs[1], self.const("axes_1_2", np.array([1, 2], np.int64))],
+                             f"{n.name}_keys")
+            bias = self.node("Where", [self.node("Cast", [keys], f"{n.name}_keys_bool", to=TensorProto.BOOL),
+                                       self.f64(f"{n.name}_on_valid", float(on_valid)),
+                                       self.f64(f"{n.name}_on_invalid", float(on_invalid))], f"{n.name}_bias")
+            lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
+            x = self.node("Clip", [self.node("Add", [x, bias], f"{n.name}_keyed"), lo, hi], f"{n.name}_keyed_clip")
         consts = int_nonlinear_constants(n, self.types[n.inputs[0]])
-        codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k")
+        extra = {"valid": n.inputs[1]} if n.op is Op.MASKED_MEAN_INT else None
+        codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k", **(
+            {"extra": extra} if extra else {}))
         self.q_double(codes, n.out, n.name, 1.0)
 
     def gelu(self, x: str, name: str, approximate: str) -> str:
@@ -472,12 +515,13 @@ def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) ->
     in_t, out_t = g.input_type, g.types()[g.output]
     dims = lambda s: ["N" if d is None else d for d in s]  # noqa: E731
     graph = helper.make_graph(
-        b.nodes, "fxq", [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, dims(in_t.shape))],
+        b.nodes, "fxq", [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.INT64 if in_t.dtype == "int64"
+                                                       else TensorProto.FLOAT, dims(in_t.shape))],
         [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, dims(out_t.shape))], list(b.inits.values()))
     if debug_outputs:
         produced = {o for nd in b.nodes for o in nd.output}
         for n in g.nodes:
-            if n.name in produced and n.out.dtype in CARRIERS:
+            if n.name in produced and n.out.dtype in CARRIERS and n.op is not Op.TOKEN_MASK:
                 graph.output.append(helper.make_tensor_value_info(n.name, CARRIERS[n.out.dtype][0], dims(n.out.shape)))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="fxq")
     model.ir_version = IR_VERSION
@@ -510,8 +554,13 @@ def session(model_or_path, optimized: bool = True, threads: int = 1):
 
 def session_codes(g: Graph, sess, x) -> np.ndarray:
     """Output codes of ``g``'s export run by an existing session."""
+    return output_codes(g, sess.run([ONNX_OUTPUT], {ONNX_INPUT: onnx_input(g, x)})[0])
+
+
+def onnx_input(g: Graph, x) -> np.ndarray:
+    """The array the export's input takes: float32 values, or int64 token ids."""
     x = x.numpy() if hasattr(x, "numpy") else x
-    return output_codes(g, sess.run([ONNX_OUTPUT], {ONNX_INPUT: np.asarray(x, np.float32)})[0])
+    return np.asarray(x, np.int64 if g.input_type.dtype == "int64" else np.float32)
 
 
 def run_codes(g: Graph, model_or_path, x: np.ndarray, optimized: bool = True) -> np.ndarray:
@@ -522,6 +571,6 @@ def debug_codes(g: Graph, x: np.ndarray, optimized: bool = True) -> dict[str, np
     """Every integer tensor's codes as ONNX Runtime computes them (from a debug_outputs export)."""
     sess = session(build(g, debug_outputs=True), optimized)
     names = [o.name for o in sess.get_outputs() if o.name != ONNX_OUTPUT]
-    outs = sess.run(names, {ONNX_INPUT: np.asarray(x, np.float32)})
+    outs = sess.run(names, {ONNX_INPUT: onnx_input(g, x)})
     types = g.types()
     return {n: o.astype(np.int64) - CARRIERS[types[n].dtype][2] for n, o in zip(names, outs)}

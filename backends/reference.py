@@ -242,11 +242,17 @@ class FloatIsland(OpRun):
     """Dequantize, the function in float64 (fxq.islands, as every executor computes it), quantize."""
     op = Op.FLOAT_ISLAND
 
-    def run(self, node, x, t=None):
+    def run(self, node, x, valid=None, t=None):
         a = node.attrs
         v = (x.astype(np.float64) - t.zp) * t.step
-        if a["fn"] == "softmax":
+        if a["fn"] == "softmax" and "on_invalid" in a:
+            y = islands.softmax_np(v + islands.token_mask_bias_np(valid, a["on_valid"], a["on_invalid"]))
+        elif a["fn"] == "softmax":
             y = islands.softmax_np(v, node.consts.get("mask"))
+        elif a["fn"] == "masked_mean":
+            y = islands.masked_mean_np(v, valid)
+        elif a["fn"] == "l2_normalize":
+            y = islands.l2_normalize_np(v, a["eps"])
         elif a["fn"] == "gelu":
             y = islands.gelu_np(v, a.get("approximate", "none"))
         else:
@@ -256,14 +262,34 @@ class FloatIsland(OpRun):
 
 
 class IntNonlinear(OpRun):
-    """Integer-only softmax/GELU/LayerNorm: fxq.int_nonlinear on int64 codes."""
+    """Integer-only softmax/GELU/LayerNorm/masked mean/L2 norm: fxq.int_nonlinear on int64 codes."""
     op = Op.SOFTMAX_INT
-    also = (Op.GELU_INT, Op.LAYERNORM_INT)
+    also = (Op.GELU_INT, Op.LAYERNORM_INT, Op.MASKED_MEAN_INT, Op.L2NORM_INT)
 
-    def run(self, node, x, t=None):
+    def run(self, node, x, valid=None, t=None):
         c = int_nonlinear_constants(node, t)
         return inl.apply(INT_NONLINEAR_FN[node.op], inl.NUMPY, x.astype(np.int64), c, node.out.lo, node.out.hi,
-                         node.consts.get("mask"))
+                         node.consts.get("mask"), None if valid is None else valid.astype(np.int64),
+                         node.attrs.get("key_mask"))
+
+
+class Gather(OpRun):
+    op = Op.GATHER
+
+    def run(self, node, ids):
+        table = node.consts["table"].astype(np.int64)
+        if ids.min(initial=0) < 0 or ids.max(initial=0) >= len(table):
+            raise InputError(f"token ids outside [0, {len(table)}) at IR node %{node.name}")
+        return table[ids]
+
+
+class TokenMask(OpRun):
+    op = Op.TOKEN_MASK
+    COMPARE = {"ne": np.not_equal, "eq": np.equal, "gt": np.greater, "ge": np.greater_equal, "lt": np.less,
+               "le": np.less_equal}
+
+    def run(self, node, ids):
+        return self.COMPARE[node.attrs["compare"]](ids, node.attrs["value"]).astype(np.int64)
 
 
 def _twin(t) -> Twin:
@@ -288,7 +314,7 @@ class TwinExpand(OpRun):
 OPS = {op: kernel for kernel in (cls() for cls in (Quantize, Dequantize, Conv2dInt, LinearInt, Requant, AddInt,
                                                    AvgPoolInt, MaxPoolInt, ConcatInt, PadInt, ClampInt, Reshape,
                                                    Permute, Select, ExpandBatch, Const, MatmulInt, FloatIsland,
-                                                   IntNonlinear, TwinQuant, TwinExpand))
+                                                   IntNonlinear, TwinQuant, TwinExpand, Gather, TokenMask))
        for op in (kernel.op, *kernel.also)}
 
 
@@ -297,7 +323,10 @@ def check_input_spec(g: Graph, shape: tuple, dtype) -> None:
     if len(shape) != len(want) or any(w is not None and w != s for w, s in zip(want, shape)):
         dims = ", ".join("N" if d is None else str(d) for d in want)
         raise InputError(f"input '{g.input_name}' has shape {list(shape)}; this model takes [{dims}]")
-    if not np.issubdtype(np.dtype(dtype), np.floating):
+    if g.input_type.dtype == "int64":
+        if not np.issubdtype(np.dtype(dtype), np.integer):
+            raise InputError(f"input '{g.input_name}' has dtype {np.dtype(dtype)}; this model takes integer token ids")
+    elif not np.issubdtype(np.dtype(dtype), np.floating):
         raise InputError(f"input '{g.input_name}' has dtype {np.dtype(dtype)}; pass float values (they are quantized inside)")
 
 
@@ -318,8 +347,8 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         if node.op not in OPS:
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
-        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT, Op.TWIN_EXPAND):
-            env[node.name] = OPS[node.op].run(node, xs[0], t=types[node.inputs[0]])
+        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.TWIN_EXPAND) or node.op in INT_NONLINEAR_FN:
+            env[node.name] = OPS[node.op].run(node, *xs, t=types[node.inputs[0]])
         else:
             env[node.name] = OPS[node.op].run(node, *xs)
     return env if keep else {g.output: env[g.output], "codes": env[g.node(g.output).inputs[0]]}

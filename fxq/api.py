@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .context import BIAS_CORRECTION_AUTO, BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext, ReconstructOptions
+from .context import (BIAS_CORRECTION_AUTO, BIAS_CORRECTION_MODES, SEARCH_MODES, CompileContext, ReconstructOptions,
+                      model_input)
 from .errors import CalibrationError, InputError, LoadError
 from .formats import codes_of
 from .ir import Graph
@@ -92,7 +93,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     batches = check_batches(batches, example_input)
     was_training = model.training
     model = copy.deepcopy(model).eval()          # passes fold and rescale weights: never touch the user's model
-    ctx = CompileContext(tgt, example_input.float(), batches, input_range, progress, seed,
+    ctx = CompileContext(tgt, model_input(example_input), batches, input_range, progress, seed,
                          bias_correction=bias_correction, bias_correction_samples=bias_correction_samples,
                          search=search, search_samples=search_samples, reconstruct=reconstruct)
     if was_training:
@@ -148,7 +149,7 @@ class QuantizedModel:
             return torch.from_numpy(self.run(x.detach().cpu().numpy())).float()
         self._check(x)
         with torch.no_grad():
-            return self.fake(x.float())
+            return self.fake(model_input(x))
 
     def fake_codes(self, x: torch.Tensor) -> np.ndarray:
         """Output codes from the fake-quant model run in float64, where its sums are exact."""
@@ -158,7 +159,7 @@ class QuantizedModel:
         if self._fake64 is None:
             self._fake64 = copy.deepcopy(self.fake).double()
         with torch.no_grad():
-            out = self._fake64(x.double()).numpy()
+            out = self._fake64(model_input(x, torch.float64)).numpy()
         t = self.ir.types()[self.ir.node(self.ir.output).inputs[0]]
         return codes_of(out, t.frac, t.mant, t.zp)
 

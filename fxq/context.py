@@ -118,7 +118,7 @@ class CompileContext:
     def samples(self, n: int) -> torch.Tensor:
         """A seeded random subset of ``n`` calibration samples (0: all), in their original order
         (photos often come as runs of crops of one image, so the first n would be few images)."""
-        x = torch.cat([b.float() for b in self.calib_batches])
+        x = torch.cat([model_input(b) for b in self.calib_batches])
         if n and x.shape[0] > n:
             idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))[:n]
             x = x[idx.sort().values]
@@ -126,3 +126,8 @@ class CompileContext:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+
+def model_input(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Float inputs in ``dtype``; integer inputs (token ids) unchanged."""
+    return x.to(dtype) if x.is_floating_point() else x

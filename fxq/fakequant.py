@@ -217,50 +217,6 @@ def set_quantization(gm: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
-def set_quantization(gm: nn.Module, enabled: bool) -> None:
-    """Switch every fake-quant module of ``gm`` on or off (off: the folded float model)."""
-    for m in gm.modules():
-        if isinstance(m, (FakeQuant, _QWeighted, QAdd, IntNonlinear)):
-            m.enabled = enabled
-
-
-class IntNonlinear(nn.Module):
-    """An integer-only softmax/GELU/LayerNorm in the fake-quant model (fxq.int_nonlinear on int64 codes).
-
-    Quantized, it returns the values of exactly the codes the integer graph computes; its gradient is
-    the float function's (a straight-through estimator), so calibration passes can still learn through
-    it. Off, it is the float function. ``consts`` are the integer constants of fxq.int_nonlinear.
-    """
-
-    def __init__(self, fn: str, float_fn: nn.Module | None, in_fmt: ActFormat, out_fmt: ActFormat, consts,
-                 mask_codes: np.ndarray | None = None, float_args: tuple = ()):
-        super().__init__()
-        self.fn, self.float_fn, self.float_args = fn, float_fn, float_args
-        self.in_fmt, self.out_fmt, self.consts = in_fmt, out_fmt, consts
-        self.mask_codes = mask_codes
-        self.enabled = True
-
-    def _float(self, x):
-        from . import islands
-        if self.float_fn is not None:
-            return self.float_fn(x)
-        return islands.softmax(x) if self.fn == "softmax" else islands.gelu(x, *self.float_args)
-
-    def forward(self, x):
-        y = self._float(x)
-        if not self.enabled:
-            return y
-        from . import int_nonlinear as inl
-        codes = torch.round(x.detach().double() * 2.0 ** self.in_fmt.frac).to(torch.int64)
-        r = self.out_fmt.range
-        out = inl.apply(self.fn, inl.TORCH, codes, self.consts, r.lo, r.hi, self.mask_codes)
-        value = (out.double() * 2.0 ** -self.out_fmt.frac).to(x.dtype)
-        return y + (value - y).detach()
-
-    def extra_repr(self) -> str:
-        return f"{self.fn}, in {self.in_fmt.describe()}, out {self.out_fmt.describe()}"
-
-
 class IntNonlinear(nn.Module):
     """An integer-only softmax/GELU/LayerNorm in the fake-quant model (fxq.int_nonlinear on int64 codes).
 
@@ -287,40 +243,56 @@ class IntNonlinear(nn.Module):
         return self._fq[1].fmt
 
     def constants(self):
-        """fxq.int_nonlinear's constants (and softmax mask codes) for the current formats."""
+        """fxq.int_nonlinear's constants and mask codes (a constant softmax mask, or a token mask's two
+        values) for the current formats."""
         from . import int_nonlinear as inl
         key = (int(self.in_fmt.frac), int(self.out_fmt.frac))
         if self._cache is None or self._cache[0] != key:
             f_in, f_out = key
             mask = getattr(self.float_fn, "mask", None)
             mask = None if mask is None else inl.mask_codes(mask.detach().double().cpu().numpy(), f_in)
+            key_mask = None
+            if hasattr(self.float_fn, "on_invalid"):
+                key_mask = inl.key_mask_codes(self.float_fn.on_valid, self.float_fn.on_invalid, f_in)
             if self.fn == "softmax":
                 c = inl.softmax_constants(f_in, f_out)
             elif self.fn == "gelu":
                 c = inl.gelu_constants(f_in, f_out)
+            elif self.fn == "masked_mean":
+                c = inl.masked_mean_constants(f_in, f_out)
+            elif self.fn == "l2_normalize":
+                c = inl.l2_normalize_constants(f_in, f_out, self.width)
             else:
                 m = self.float_fn
                 w = None if m.weight is None else m.weight.detach().double().cpu().numpy()
                 b = None if m.bias is None else m.bias.detach().double().cpu().numpy()
                 c = inl.layer_norm_constants(self.width, f_in, w, b, float(m.eps), f_out)
-            self._cache = (key, c, mask)
-        return self._cache[1], self._cache[2]
+            self._cache = (key, c, mask, key_mask)
+        return self._cache[1:]
 
-    def _float(self, x):
+    def _float(self, x, valid):
         from . import islands
+        args = () if valid is None else (valid,)
         if self.float_fn is not None:
-            return self.float_fn(x)
-        return islands.softmax(x) if self.fn == "softmax" else islands.gelu(x, *self.float_args)
+            return self.float_fn(x, *args)
+        if self.fn == "softmax":
+            return islands.softmax(x)
+        if self.fn == "masked_mean":
+            return islands.masked_mean(x, valid)
+        if self.fn == "l2_normalize":
+            return islands.l2_normalize(x, *self.float_args)
+        return islands.gelu(x, *self.float_args)
 
-    def forward(self, x):
-        y = self._float(x)
+    def forward(self, x, valid=None):
+        y = self._float(x, valid)
         if not self.enabled:
             return y
         from . import int_nonlinear as inl
-        c, mask = self.constants()
+        c, mask, key_mask = self.constants()
         codes = torch.round(x.detach().double() * 2.0 ** self.in_fmt.frac).to(torch.int64)
         r = self.out_fmt.range
-        out = inl.apply(self.fn, inl.TORCH, codes, c, r.lo, r.hi, mask)
+        out = inl.apply(self.fn, inl.TORCH, codes, c, r.lo, r.hi, mask,
+                        None if valid is None else valid.to(torch.int64), key_mask)
         value = (out.double() * 2.0 ** -self.out_fmt.frac).to(x.dtype)
         return y + (value - y).detach()
 

@@ -509,13 +509,165 @@ def mask_codes(mask: np.ndarray, frac_in: int) -> np.ndarray:
     return quantize_np(mask, frac_in, CODE_RANGE)
 
 
-def apply(fn: str, xp: IntOps, q, c, out_lo: int, out_hi: int, mask=None):
-    """Output codes of ``fn`` on validated codes ``q`` with constants ``c``; a softmax ``mask`` (codes)
-    is added and the sum saturated to the supported input range first."""
+def key_mask_codes(on_valid: float, on_invalid: float, frac_in: int) -> tuple[int, int]:
+    """A token attention mask's two values (valid key, padding) as codes at the scores' step, in int16."""
+    codes = quantize_np(np.array([on_valid, on_invalid], np.float64), frac_in, CODE_RANGE)
+    return int(codes[0]), int(codes[1])
+
+
+def apply(fn: str, xp: IntOps, q, c, out_lo: int, out_hi: int, mask=None, valid=None, key_mask=None):
+    """Output codes of ``fn`` on validated codes ``q`` with constants ``c``. Softmax: a constant ``mask``
+    (codes), or ``key_mask`` = (code if valid, code if padding) chosen per key by ``valid`` [N, T], is
+    added and the sum saturated to the supported input range first. masked_mean reads ``valid``."""
     if fn == "softmax":
         if mask is not None:
             q = xp.clip(q + xp.const(mask, q), CODE_RANGE.lo, CODE_RANGE.hi)
+        if key_mask is not None:
+            keys = valid[:, None, None, :] != 0
+            q = xp.clip(q + xp.where(keys, key_mask[0], key_mask[1]), CODE_RANGE.lo, CODE_RANGE.hi)
         return softmax_codes(xp, q, c, out_lo, out_hi)
     if fn == "gelu":
         return gelu_codes(xp, q, c, out_lo, out_hi)
+    if fn == "masked_mean":
+        return masked_mean_codes(xp, q, valid, c, out_lo, out_hi)
+    if fn == "l2_normalize":
+        return l2_normalize_codes(xp, q, c, out_lo, out_hi)
     return layer_norm_codes(xp, q, c, out_lo, out_hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling for sentence embeddings: masked mean over tokens, then L2 normalisation
+# ---------------------------------------------------------------------------------------------
+# Both use the operations above plus two that numpy, torch and ONNX all spell the same way:
+# ``xp.sum(x, axis=1, keepdims=False)`` (ReduceSum over the token axis) and ``x[..., None]``
+# (a trailing unit axis; Unsqueeze in ONNX). Supported: codes within int16, T <= 4096 tokens for the
+# mean (any D), D <= 4096 for the normalisation; the bound of every intermediate is noted per line.
+MEAN_MAX_LEN = 4096             # |sum_t valid * q| <= 2**12 * 2**15 = 2**27
+MEAN_FRAC = (-8, 24)            # frac_in and frac_out
+MEAN_MAX_GAIN_LOG2 = 24         # frac_out - frac_in <= 24: |sum| * 2**24 <= 2**51
+L2_MAX_LEN = 4096               # sum(q**2) <= 2**12 * 2**30 = 2**42 (the arithmetic would allow D < 2**21)
+L2_FRAC_IN = (-8, 24)           # only enters through eps, see l2_normalize_constants
+L2_FRAC_OUT = (0, 24)           # |q| * scale < 2**26 (scale below), times 2**frac_out <= 2**50
+
+
+@dataclass(frozen=True)
+class MaskedMeanConstants:
+    frac_out: int
+    up_shift: int         # max(frac_out - frac_in, 0): the masked sum is multiplied by 2**up_shift...
+    down_shift: int       # ...and the count by 2**down_shift = 2**max(frac_in - frac_out, 0)
+
+
+def masked_mean_constants(frac_in: int, frac_out: int) -> MaskedMeanConstants:
+    fn = "int_masked_mean"
+    frac_in = _int_arg(fn, "frac_in", frac_in, *MEAN_FRAC)
+    frac_out = _int_arg(fn, "frac_out", frac_out, *MEAN_FRAC)
+    if frac_out - frac_in > MEAN_MAX_GAIN_LOG2:
+        raise ValueError(f"{fn}: frac_out - frac_in = {frac_out - frac_in} is too large: at most "
+                         f"{MEAN_MAX_GAIN_LOG2} keeps the scaled sum below 2**{EXACT_BITS}")
+    return MaskedMeanConstants(frac_out, max(frac_out - frac_in, 0), max(frac_in - frac_out, 0))
+
+
+def masked_mean_codes(xp: IntOps, q, valid, c: MaskedMeanConstants, out_lo: int, out_hi: int):
+    """q [N, T, D] codes, valid [N, T] of 0/1 -> [N, D]: the exactly rounded mean over the valid tokens."""
+    total = xp.sum(q * valid[..., None], axis=1, keepdims=False)   # [N, D], |.| <= T * 2**15 <= 2**27
+    count = xp.clip(xp.sum(valid), 1, None)                        # [N, 1], in [1, 2**12]; 0 tokens -> 1
+    if c.up_shift:                                                 # (at most one of the shifts is nonzero)
+        total = total * 2 ** c.up_shift                            # |.| <= 2**27 * 2**24 = 2**51
+    if c.down_shift:
+        count = count * 2 ** c.down_shift                          # <= 2**12 * 2**32 = 2**44
+    return xp.clip(round_div(xp, total, count), out_lo, out_hi)
+
+
+def _valid_mask(fn: str, xp: IntOps, valid, shape: tuple):
+    if isinstance(valid, torch.Tensor) and valid.dtype == torch.bool:
+        valid = valid.to(torch.int64)
+    elif not isinstance(valid, torch.Tensor) and np.asarray(valid).dtype == np.bool_:
+        valid = np.asarray(valid, np.int64)
+    try:
+        valid = xp.codes(valid, fn)
+    except ValueError as e:
+        raise ValueError(f"{e} (for the valid mask)") from None
+    if tuple(valid.shape) != shape:
+        raise ValueError(f"{fn}: valid must have shape {shape} (the codes' [N, T]), got {tuple(valid.shape)}")
+    if min(shape) > 0:
+        lo, hi = xp.bounds(valid)
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{fn}: valid must hold only 0 and 1, got values in [{lo}, {hi}]")
+    return valid
+
+
+def int_masked_mean(q, valid, frac_in: int, frac_out: int, out_lo: int, out_hi: int, xp: IntOps | None = None):
+    """Mean of codes ``q`` [N, T, D] at ``frac_in`` over the tokens t with ``valid`` [N, T] = 1 (0/1 integers,
+    or bool), as codes [N, D] at ``frac_out``: round(sum_t valid q * 2**(frac_out - frac_in) / max(count, 1))
+    rounded half to even and clamped, computed exactly. Rows without a valid token give 0.
+
+    This is torch's ``(x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)`` on the dequantized
+    input, then rounded: at most 0.5 output steps off, and exactly the nearest code (ties to even).
+    """
+    fn = "int_masked_mean"
+    c = masked_mean_constants(frac_in, frac_out)
+    lo, hi = _out_range(fn, out_lo, out_hi)
+    xp = xp or ops_for(q)
+    q = xp.codes(q, fn)
+    if q.ndim != 3:
+        raise ValueError(f"{fn}: codes must have shape [N, T, D], got {tuple(q.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError(f"{fn}: the token axis (1) is empty")
+    if q.shape[1] > MEAN_MAX_LEN:
+        raise ValueError(f"{fn}: the token axis has {q.shape[1]} elements, at most {MEAN_MAX_LEN} are supported")
+    xp, q = _codes(fn, xp, q, math.inf)                            # D >= 1, codes within int16
+    valid = _valid_mask(fn, xp, valid, tuple(q.shape[:2]))
+    return masked_mean_codes(xp, q, valid, c, lo, hi)
+
+
+@dataclass(frozen=True)
+class L2NormalizeConstants:
+    n: int                # D, the length of the last axis
+    frac_out: int
+    gain: int             # 2**frac_out
+
+
+def l2_normalize_constants(frac_in: int, frac_out: int, n: int, eps: float = 1e-12) -> L2NormalizeConstants:
+    """x / max(||x||, eps) does not depend on frac_in except through eps; a row that is not all zero has
+    ||x|| >= 2**-frac_in, so for eps <= 2**-frac_in (required; eps = 1e-12 qualifies at every supported
+    frac_in, 1e-6 up to frac_in 19) eps only acts on all-zero rows, whose output is 0 (torch gives 0 too,
+    and NaN for eps = 0, where the kernel still gives 0)."""
+    fn = "int_l2_normalize"
+    frac_in = _int_arg(fn, "frac_in", frac_in, *L2_FRAC_IN)
+    frac_out = _int_arg(fn, "frac_out", frac_out, *L2_FRAC_OUT)
+    n = _int_arg(fn, "the last axis length", n, 1, L2_MAX_LEN)
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float, np.integer, np.floating))
+                                     and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+    if Fraction(float(eps)) > Fraction(2) ** -frac_in:
+        raise ValueError(f"{fn}: eps={eps} exceeds 2**-{frac_in}, the smallest nonzero norm at frac_in={frac_in}: "
+                         f"only eps <= 2**-frac_in is supported (then it only matters for all-zero rows)")
+    return L2NormalizeConstants(n, frac_out, 2 ** frac_out)
+
+
+def l2_normalize_codes(xp: IntOps, q, c: L2NormalizeConstants, out_lo: int, out_hi: int):
+    """round(q * 2**frac_out * scale / isqrt(sum(q**2) * scale**2)), 0 for all-zero rows."""
+    s = xp.sum(q * q)                                              # <= D * 2**30 <= 2**42
+    x, scale = _normalize_pow4(xp, xp.clip(s, 1, None))            # s * scale**2 in [2**50, 2**52), exact
+    root = isqrt(xp, x)                                            # in [2**25, 2**26); sqrt(x) - root in [0, 1)
+    # q**2 <= s, so |q| * scale <= sqrt(x) < 2**26 and the numerator is below 2**(26 + frac_out) <= 2**50;
+    # an all-zero row has q = 0 (its s was clipped to 1 only to keep the division defined)
+    gain = scale * c.gain if c.gain != 1 else scale                # [..., 1], <= 2**25 * 2**24
+    return xp.clip(round_div(xp, q * gain, root), out_lo, out_hi)
+
+
+def int_l2_normalize(q, frac_in: int, frac_out: int, out_lo: int, out_hi: int, eps: float = 1e-12,
+                     xp: IntOps | None = None):
+    """L2 normalisation over the last axis, like ``torch.nn.functional.normalize(x, dim=-1, eps=eps)``: codes
+    at ``frac_in`` in, codes at ``frac_out`` out (|code| <= 2**frac_out), all-zero rows give 0.
+
+    sum(q**2) is exact and scaled by a power of four into [2**50, 2**52), so its integer root r has
+    relative error below 1 / r <= 2**-25 and only ever too small. The rounded quotient is therefore within
+    0.5 + 2**(frac_out - 25) output steps of x / ||x|| * 2**frac_out (clamped): 0.5 + 2**-18 at
+    frac_out 7, 0.5 + 2**-10 at 15. eps must be at most 2**-frac_in (see ``l2_normalize_constants``).
+    """
+    fn = "int_l2_normalize"
+    lo, hi = _out_range(fn, out_lo, out_hi)
+    xp, q = _codes(fn, xp, q, L2_MAX_LEN)
+    c = l2_normalize_constants(frac_in, frac_out, q.shape[-1], eps)
+    return l2_normalize_codes(xp, q, c, lo, hi)

@@ -49,13 +49,22 @@ class Op(str, enum.Enum):
     SOFTMAX_INT = "softmax_int"    # integer-only softmax over the last axis (fxq.int_nonlinear)
     GELU_INT = "gelu_int"          # integer-only GELU
     LAYERNORM_INT = "layernorm_int"  # integer-only LayerNorm over the last axis (integer sqrt)
+    GATHER = "gather"              # rows of a constant code table picked by the integer input (token embedding)
+    TOKEN_MASK = "token_mask"      # 1 where the integer input compares true with a constant (ids != pad), else 0
+    MASKED_MEAN_INT = "masked_mean_int"  # integer mean over the valid tokens (axis 1), a rounded division
+    L2NORM_INT = "l2norm_int"      # integer x / ||x|| over the last axis (integer sqrt, rounded division)
     TWIN_QUANT = "twin_quant"      # fine codes -> b-bit twin-uniform codes (range bit + magnitude)
     TWIN_EXPAND = "twin_expand"    # twin codes -> fine codes at the small step (R2 magnitudes << m)
 
 
 # fxq.int_nonlinear's kernels by function name, and back.
-INT_NONLINEAR_OPS = {"softmax": Op.SOFTMAX_INT, "gelu": Op.GELU_INT, "layer_norm": Op.LAYERNORM_INT}
+INT_NONLINEAR_OPS = {"softmax": Op.SOFTMAX_INT, "gelu": Op.GELU_INT, "layer_norm": Op.LAYERNORM_INT,
+                     "masked_mean": Op.MASKED_MEAN_INT, "l2_normalize": Op.L2NORM_INT}
 INT_NONLINEAR_FN = {op: fn for fn, op in INT_NONLINEAR_OPS.items()}
+# token_mask comparisons: the graph function and its name in the IR.
+import operator as _operator  # noqa: E402
+TOKEN_COMPARISONS = {_operator.ne: "ne", _operator.eq: "eq", _operator.gt: "gt", _operator.ge: "ge",
+                     _operator.lt: "lt", _operator.le: "le"}
 # Ops that accumulate products of codes and constant weights into an int32 accumulator.
 WEIGHTED_OPS = frozenset({Op.CONV2D_INT, Op.LINEAR_INT, Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
 CONV_OPS = frozenset({Op.CONV2D_INT, Op.CONV2D_CLUSTER})
@@ -158,6 +167,10 @@ def int_nonlinear_constants(n: Node, x: TensorType):
         return inl.softmax_constants(int(x.frac), int(n.out.frac))
     if n.op is Op.GELU_INT:
         return inl.gelu_constants(int(x.frac), int(n.out.frac))
+    if n.op is Op.MASKED_MEAN_INT:
+        return inl.masked_mean_constants(int(x.frac), int(n.out.frac))
+    if n.op is Op.L2NORM_INT:
+        return inl.l2_normalize_constants(int(x.frac), int(n.out.frac), int(x.shape[-1]))
     a = n.attrs
     return inl.LayerNormConstants(int(a["n"]), int(a["var_shift"]), int(a["eps"]), int(a["norm_shift"]),
                                   int(a["norm_max"]), int(a["gamma_frac"]), n.consts["gamma"].astype(np.int64),
@@ -275,9 +288,15 @@ class Graph:
             ins = [f"({t}{-a[k]:+d})" if a.get(k) else t for t, k in zip(ins, ("a_zp", "b_zp"))]
         elif n.op is Op.FLOAT_ISLAND:
             fn = a["fn"] + (f"[{a['approximate']}]" if a.get("approximate", "none") != "none" else "")
-            ins += [f"{fn} in f64", a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
+            ins += [f"{fn} in f64"] + ([f"key mask {a['on_valid']:g}|{a['on_invalid']:g}"] if "on_invalid" in a else [])
+            ins += [a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
         elif n.op is Op.CONST:
             ins.append(f"codes[{','.join(map(str, n.consts['codes'].shape))}]")
+        elif n.op is Op.GATHER:
+            ins.append(f"table:{SHORT_DTYPE.get(str(n.consts['table'].dtype), n.consts['table'].dtype)}"
+                       f"[{','.join(map(str, n.consts['table'].shape))}]")
+        elif n.op is Op.TOKEN_MASK:
+            ins.append(f"{a['compare']} {a['value']}")
         elif n.op is Op.TWIN_QUANT:
             bits, m, signed = n.out.twin
             ins.append(f"{'neg' if signed else f'<{2 ** (bits - 1)}'} -> R1, else R2 >>{m} {a['rounding']}")
@@ -285,6 +304,11 @@ class Graph:
             ins.append(f"R2 <<{self.types()[n.inputs[0]].twin[1]}")
         elif n.op is Op.SOFTMAX_INT:
             ins += ["exp2 poly5, /sum"] + (["+mask"] if "mask" in n.consts else [])
+            ins += [f"key mask {a['key_mask'][0]}|{a['key_mask'][1]}"] if "key_mask" in a else []
+        elif n.op is Op.MASKED_MEAN_INT:
+            ins.append("sum/count")
+        elif n.op is Op.L2NORM_INT:
+            ins.append("isqrt, /norm")
         elif n.op is Op.GELU_INT:
             ins.append("relu - poly8")
         elif n.op is Op.LAYERNORM_INT:

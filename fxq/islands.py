@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-ISLAND_FUNCTIONS = ("softmax", "gelu", "layer_norm")
+ISLAND_FUNCTIONS = ("softmax", "gelu", "layer_norm", "masked_mean", "l2_normalize")
 # Abramowitz & Stegun 7.1.26: erf(x) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-x^2), t = 1/(1+p|x|)
 ERF_P = 0.3275911
 ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
@@ -59,6 +59,31 @@ class MaskedSoftmax(torch.nn.Module):
         return torch.softmax(x.double() + self.mask, dim=-1).to(x.dtype)
 
 
+class TokenMaskedSoftmax(torch.nn.Module):
+    """softmax(scores + mask) where the additive mask is a function of each key token's validity
+    (ids != pad): ``on_valid`` where valid, ``on_invalid`` (say -1e4) elsewhere. ``valid`` is [N, T]."""
+
+    def __init__(self, on_valid: float, on_invalid: float):
+        super().__init__()
+        self.on_valid, self.on_invalid = float(on_valid) + 0.0, float(on_invalid) + 0.0     # no -0.0
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        bias = torch.where(valid[:, None, None, :].bool(), self.on_valid, self.on_invalid).double()
+        return torch.softmax(x.double() + bias, dim=-1).to(x.dtype)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens (axis 1) of [N, T, D]; a sentence with none gives 0."""
+    m = valid.double().unsqueeze(-1)
+    return ((x.double() * m).sum(1) / m.sum(1).clamp(min=1.0)).to(x.dtype)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """x / max(||x||, eps) over the last axis (F.normalize), in float64."""
+    x64 = x.double()
+    return (x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp(min=eps)).to(x.dtype)
+
+
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return _gelu(x.double(), approximate, torch).to(x.dtype)
 
@@ -79,6 +104,19 @@ class LayerNorm(torch.nn.LayerNorm):
 
 
 # -- numpy: the reference backend -----------------------------------------------------------------
+def token_mask_bias_np(valid: np.ndarray, on_valid: float, on_invalid: float) -> np.ndarray:
+    return np.where(valid[:, None, None, :] != 0, on_valid, on_invalid).astype(np.float64)
+
+
+def masked_mean_np(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    m = valid.astype(np.float64)[..., None]
+    return (x * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+
+def l2_normalize_np(x: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.maximum(np.sqrt((x * x).sum(-1, keepdims=True)), eps)
+
+
 def softmax_np(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     if mask is not None:
         x = x + mask

@@ -15,12 +15,12 @@ from dataclasses import replace
 import numpy as np
 import torch.fx as fx
 
-from . import meta
+from . import islands, meta
 from .errors import UnsupportedOp, describe_node
 from .walk import attr_value, data_inputs
 from .fakequant import IntNonlinear, QAdd, QConv2d, QLinear, clamp_codes
 from .formats import ACC_RANGE, DEFAULT_ROUNDING, quantize_np, storage_dtype
-from .ir import INT_NONLINEAR_OPS, Graph, Node, Op, TensorType
+from .ir import INT_NONLINEAR_OPS, TOKEN_COMPARISONS, Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
 
@@ -62,8 +62,15 @@ class _Lowerer:
             kind, role = node.meta.get(meta.KIND), node.meta.get(meta.ROLE)
             if kind == "input":
                 input_name = node.name
-                input_type = TensorType("float32", _batchless(node.meta[meta.SHAPE]))
+                dtype = "int64" if role == "ids" else "float32"         # token ids stay integers
+                input_type = TensorType(dtype, _batchless(node.meta[meta.SHAPE]))
                 self.types[input_name] = input_type
+                self.name_of[node.name] = node.name
+            elif kind == "token_mask":
+                op = TOKEN_COMPARISONS[node.target]
+                out = TensorType("uint8", _batchless(node.meta[meta.SHAPE]), 0, 0, 1)
+                self.name_of[node.name] = self.emit(node.name, Op.TOKEN_MASK, [self.ir_input(node.args[0])], out,
+                                                    {"compare": op, "value": int(node.args[1])})
             elif kind == "output":
                 src = self.ir_input(node.args[0])
                 t = self.types[src]
@@ -114,6 +121,11 @@ class _Lowerer:
             return self.emit(f"{name}_tokens", Op.RESHAPE, [rq], out, {"shape": (-1,) + tuple(out.shape[1:])})
         if kind in meta.ISLANDS:
             return self.island(src, out, rounding)
+        if kind == "embedding":
+            table = self.modules[src.target].weight.detach().double().numpy()
+            codes = quantize_np(table, fmt.frac, fmt.range, self.target.rounding, fmt.mant, fmt.zp)
+            return self.emit(name, Op.GATHER, [self.ir_input(src.args[0])], out, {},
+                             {"table": codes.astype(storage_dtype(fmt.bits, fmt.signed))})
         if kind == "const":
             value = attr_value(self.gm, src.target)
             codes = quantize_np(value.detach().double().numpy(), fmt.frac, fmt.range, self.target.rounding, fmt.mant,
@@ -165,13 +177,17 @@ class _Lowerer:
 
     def island(self, node, out: TensorType, rounding: str) -> str:
         kind = node.meta[meta.KIND]
-        x = self.ir_input(node.args[0])
+        ins = [self.ir_input(a) for a in node.args if isinstance(a, fx.Node)]    # codes (, token validity)
         module = self.modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, IntNonlinear):
-            return self.integer_nonlinear(node, module, x, out)
+            return self.integer_nonlinear(node, module, ins, out)
         attrs, consts = {"fn": kind, "rounding": rounding}, {}
-        if kind == "softmax" and node.op == "call_module":
+        if isinstance(module, islands.TokenMaskedSoftmax):
+            attrs.update(on_valid=module.on_valid, on_invalid=module.on_invalid)
+        elif kind == "softmax" and node.op == "call_module":
             consts["mask"] = self.modules[node.target].mask.numpy()
+        elif kind == "l2_normalize":
+            attrs["eps"] = float(node.args[1])
         elif kind == "gelu":
             attrs["approximate"] = str(node.args[1])
         elif kind == "layer_norm":
@@ -181,19 +197,21 @@ class _Lowerer:
                 consts["weight"] = m.weight.detach().double().numpy()
             if m.bias is not None:
                 consts["bias"] = m.bias.detach().double().numpy()
-        return self.emit(node.name, Op.FLOAT_ISLAND, [x], out, attrs, consts)
+        return self.emit(node.name, Op.FLOAT_ISLAND, ins, out, attrs, consts)
 
-    def integer_nonlinear(self, node, m: IntNonlinear, x: str, out: TensorType) -> str:
+    def integer_nonlinear(self, node, m: IntNonlinear, ins: list[str], out: TensorType) -> str:
         """The IR keeps what the kernel needs: fracs in the types, LayerNorm's integer constants, mask codes."""
         attrs, consts = {}, {}
-        c, mask = m.constants()
+        c, mask, key_mask = m.constants()
+        if key_mask is not None:
+            attrs["key_mask"] = tuple(key_mask)
         if m.fn == "layer_norm":
             attrs = {"n": c.n, "var_shift": c.var_shift, "eps": int(c.eps), "norm_shift": c.norm_shift,
                      "norm_max": c.norm_max, "gamma_frac": c.gamma_frac, "out_shift": c.out_shift}
             consts = {"gamma": np.asarray(c.gamma, np.int64), "beta": np.asarray(c.beta, np.int64)}
         elif mask is not None:
             consts["mask"] = np.asarray(mask, np.int16)
-        return self.emit(node.name, INT_NONLINEAR_OPS[m.fn], [x], out, attrs, consts)
+        return self.emit(node.name, INT_NONLINEAR_OPS[m.fn], ins, out, attrs, consts)
 
     # -- conv / linear: accumulate in int32 -----------------------------------------------------------
     def as_rows(self, x: str) -> str:

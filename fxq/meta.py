@@ -5,7 +5,7 @@ SHAPE = "fxq.shape"            # propagate_shapes: output shape (batch dim inclu
 SOURCE = "fxq.source"          # trace: "file:line  code" of the user's source, for error messages
 BN_STATS = "fxq.bn_stats"      # fold_bn: BNStats of the BN folded into this conv/linear
 POOL_GAIN = "fxq.pool_gain"    # fold_pool_divisor: factor folded into this conv/linear's weights
-ROLE = "fxq.role"              # insert_observers: "qpoint" | "acc" | "pass" | "input" | "output"
+ROLE = "fxq.role"              # insert_observers: "qpoint" | "acc" | "pass" | "input" | "output" | "ids" | "mask"
 FUSED_ACT = "fxq.fused_act"    # insert_observers: on an "acc" node, the activation node it feeds
 OBSERVER = "fxq.observer"      # insert_observers: submodule name of this qpoint's observer
 ACT_FMT = "fxq.act_fmt"        # choose_formats / share_scales: ActFormat of a qpoint's output
@@ -15,7 +15,8 @@ DATA_FREE = "fxq.data_free"    # data_free_stats: per-channel (mean, std) used i
 
 KINDS = ("input", "output", "conv", "linear", "bn", "relu", "clamp", "add", "cat",
          "flatten", "reshape", "maxpool", "avgpool", "pad",
-         "matmul", "permute", "select", "softmax", "gelu", "layer_norm", "mul_const", "const", "expand_batch")
+         "matmul", "permute", "select", "softmax", "gelu", "layer_norm", "mul_const", "const", "expand_batch",
+         "embedding", "token_mask", "masked_mean", "l2_normalize")
 # Families, so passes test membership rather than listing spellings.
 WEIGHTED = frozenset({"conv", "linear"})
 ACTIVATIONS = frozenset({"relu", "clamp"})
@@ -23,6 +24,6 @@ ACTIVATIONS = frozenset({"relu", "clamp"})
 PASS_THROUGH = frozenset({"flatten", "reshape", "maxpool", "pad", "cat", "relu", "clamp", "permute", "select",
                           "expand_batch"})
 # Nonlinearities a target may compute as float islands (fxq.islands); each output is a qpoint.
-ISLANDS = frozenset({"softmax", "gelu", "layer_norm"})
+ISLANDS = frozenset({"softmax", "gelu", "layer_norm", "masked_mean", "l2_normalize"})
 # Ops whose two data inputs are both activations.
 BINARY = frozenset({"add", "matmul"})

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from .errors import MissingExtra
+from .context import model_input
 from .fakequant import set_quantization
 from .ir import CLUSTER_OPS, WEIGHTED_OPS, Graph, Node, Op
 
@@ -86,7 +87,7 @@ def _capture(gm: fx.GraphModule, x: torch.Tensor, quantized: bool) -> dict[str, 
     set_quantization(gm, quantized)
     try:
         with torch.no_grad():
-            _Grab(gm).run(x.double())
+            _Grab(gm).run(model_input(x, torch.float64))
     finally:
         set_quantization(gm, True)
     return values

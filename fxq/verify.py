@@ -144,6 +144,8 @@ def _matmul(chk: _Check, n: Node, ins: list[TensorType]) -> None:
 
 def _island(chk: _Check, n: Node, ins: list[TensorType], allowed: set) -> None:
     fn = n.attrs.get("fn")
+    needs_mask = fn == "masked_mean" or "on_invalid" in n.attrs
+    chk(len(ins) == (2 if needs_mask else 1), "a token mask input goes with masked_mean and a key-masked softmax")
     chk(fn in ISLAND_FUNCTIONS, f"unknown float island function {fn!r}; known: {list(ISLAND_FUNCTIONS)}")
     chk(fn in allowed, f"the target does not declare {fn!r} as a float island (it allows {sorted(allowed) or 'none'})")
     chk(ins[0].dtype in NARROW and n.out.dtype in NARROW, "a float island takes and gives narrow codes")
@@ -162,6 +164,8 @@ def _island(chk: _Check, n: Node, ins: list[TensorType], allowed: set) -> None:
 
 def _int_nonlinear(chk: _Check, n: Node, ins: list[TensorType]) -> None:
     x = ins[0]
+    needs_mask = n.op is Op.MASKED_MEAN_INT or "key_mask" in n.attrs
+    chk(len(ins) == (2 if needs_mask else 1), "a token mask input goes with masked_mean and a key-masked softmax")
     chk(x.dtype in NARROW and n.out.dtype in NARROW, "an integer nonlinearity takes and gives narrow codes")
     chk(x.mant == 1 and x.zp == 0 and n.out.mant == 1 and n.out.zp == 0, "needs power-of-two formats (no mantissa "
                                                                           "or zero point)")
@@ -248,10 +252,20 @@ def _rule(n: Node, ins: list[TensorType], chk: _Check, allowed: set = frozenset(
         _matmul(chk, n, ins)
     elif op is Op.FLOAT_ISLAND:
         _island(chk, n, ins, allowed)
-    elif op in (Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT):
+    elif op in (Op.SOFTMAX_INT, Op.GELU_INT, Op.LAYERNORM_INT, Op.MASKED_MEAN_INT, Op.L2NORM_INT):
         _int_nonlinear(chk, n, ins)
     elif op in (Op.TWIN_QUANT, Op.TWIN_EXPAND):
         _twin(chk, n, ins)
+    elif op is Op.GATHER:
+        chk(len(ins) == 1 and ins[0].dtype == "int64", "gather reads integer token ids")
+        table = n.consts.get("table")
+        chk(table is not None and table.ndim == 2 and n.out.shape == ins[0].shape + (table.shape[1],),
+            "the code table must be [vocabulary, width] and the output [*ids, width]")
+        _codes_in(chk, table, IntRange(n.out.lo, n.out.hi), "table codes")
+    elif op is Op.TOKEN_MASK:
+        chk(len(ins) == 1 and ins[0].dtype == "int64", "token_mask reads integer token ids")
+        chk(a.get("compare") in ("ne", "eq", "gt", "ge", "lt", "le"), f"unknown comparison {a.get('compare')!r}")
+        chk(n.out.dtype == "uint8" and (n.out.lo, n.out.hi) == (0, 1), "a token mask is u8 0/1")
     elif op is Op.CONST:
         chk(not ins, "a constant takes no inputs")
         _const(chk, n)

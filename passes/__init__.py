@@ -1,5 +1,6 @@
 """fxq's graph passes, one per file, each ``(gm, ctx) -> gm`` run in PIPELINE order by fxq.pipeline."""
 from .expand_attention import expand_attention
+from .token_masks import token_masks
 from .canonicalize import canonicalize
 from .propagate_shapes import propagate_shapes
 from .fold_bn import fold_bn
@@ -18,6 +19,7 @@ from .bias_correction import bias_correction
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
 PIPELINE = (
     expand_attention,
+    token_masks,
     canonicalize,
     propagate_shapes,
     fold_bn,

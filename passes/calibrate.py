@@ -12,7 +12,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from fxq import meta
-from fxq.context import CompileContext
+from fxq.context import CompileContext, model_input
 from fxq.errors import CalibrationError
 
 
@@ -53,5 +53,5 @@ def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     with torch.no_grad():
         for batch in tqdm(ctx.calib_batches, desc="fxq calibrate", unit="batch", disable=not ctx.progress,
                           leave=False):
-            feeder.run(batch.float())
+            feeder.run(model_input(batch))
     return gm

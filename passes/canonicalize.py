@@ -13,6 +13,9 @@ removed; conv, linear and BatchNorm stay as call_module.
     matmul   torch.matmul(a, b)                 permute  torch.permute(x, dims)   (transpose; batch stays first)
     select   torch.select(x, dim, i)            (x[:, i]: one index along a non-batch dim)
     softmax  fxq.islands.softmax(x)             gelu     fxq.islands.gelu(x, approximate)
+             (or an islands.TokenMaskedSoftmax module (scores, valid), from passes/token_masks)
+    embedding  nn.Embedding module              token_mask  ids != pad (passes/token_masks)
+    masked_mean  fxq.islands.masked_mean(x, valid)   l2_normalize  fxq.islands.l2_normalize(x, eps)
     layer_norm  fxq.islands.LayerNorm module    (nn.LayerNorm over the last dim)
     mul_const  operator.mul(x, c)               (x * c, x / c with a Python number c; folded later)
     const    get_attr of a parameter/buffer     expand_batch  fxq.tensor_ops.expand_batch(c, like)
@@ -108,6 +111,10 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
 
     def canonical(self, node: fx.Node):
+        if node.meta.get(meta.KIND) == "token_mask":           # passes/token_masks found it
+            return ("token_mask", "module", None)
+        if node.op == "call_function" and node.target is islands.masked_mean:
+            return ("masked_mean", "module", None)
         if node.op == "placeholder":
             return ("input", None, None)
         if node.op == "output":
@@ -162,6 +169,12 @@ class _Rewriter:
             return ("pad", F.pad, (x, tuple(m.padding), "constant", 0.0))
         if isinstance(m, nn.LayerNorm):
             return self._layer_norm(node, m)
+        if isinstance(m, islands.TokenMaskedSoftmax):
+            return ("softmax", "module", None)
+        if isinstance(m, nn.Embedding):
+            if m.max_norm is not None:
+                raise _unsupported(node, "nn.Embedding(max_norm=...) renormalises rows at lookup time")
+            return ("embedding", "module", None)
         if isinstance(m, nn.GELU):
             return ("gelu", islands.gelu, (x, m.approximate))
         if isinstance(m, nn.Softmax):
@@ -226,6 +239,12 @@ class _Rewriter:
             return self._softmax(node, x, _arg(node, 1, "dim"))
         if fn is F.gelu:
             return ("gelu", islands.gelu, (x, node.kwargs.get("approximate", "none")))
+        if fn is F.normalize:
+            p, dim = _arg(node, 1, "p", 2.0), _arg(node, 2, "dim", 1)
+            rank = len(_shape(node))
+            if p != 2 or dim % rank != rank - 1:
+                raise _unsupported(node, f"F.normalize(p={p}, dim={dim}); fxq lowers the L2 norm over the last dim")
+            return ("l2_normalize", islands.l2_normalize, (x, float(_arg(node, 3, "eps", 1e-12))))
         if fn is F.layer_norm:
             raise _unsupported(node, "F.layer_norm; use nn.LayerNorm (fxq reads its weight, bias and eps)")
         if fn in _MUL_FNS:

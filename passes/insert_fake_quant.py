@@ -77,8 +77,10 @@ def _integer_nonlinear(gm: fx.GraphModule, node: fx.Node, modules: dict) -> None
             raise UnsupportedOp(f"{describe_node(node)}: the integer {fn} needs power-of-two formats, but its {what} "
                                 f"is {f.describe()}; allow {fn!r} in the target's float_islands")
     module = modules[node.target] if node.op == "call_module" else None
-    float_args = tuple(node.args[1:]) if node.op == "call_function" else ()
-    kernel = IntNonlinear(fn, module, fq_in, fq_out, int(node.meta[meta.SHAPE][-1]), float_args)
+    extra = tuple(a for a in node.args[1:] if isinstance(a, fx.Node))          # a token validity mask
+    float_args = tuple(a for a in node.args[1:] if not isinstance(a, fx.Node)) if node.op == "call_function" else ()
+    width = int(node.args[0].meta[meta.SHAPE][-1])
+    kernel = IntNonlinear(fn, module, fq_in, fq_out, width, float_args)
     try:
         kernel.constants()
     except ValueError as exc:
@@ -86,7 +88,7 @@ def _integer_nonlinear(gm: fx.GraphModule, node: fx.Node, modules: dict) -> None
                             f"target's float_islands") from None
     name = f"int_{node.name}"
     gm.add_submodule(name, kernel)
-    node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+    node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],) + extra, {}
 
 
 def insert_fake_quant(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

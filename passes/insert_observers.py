@@ -32,7 +32,10 @@ def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             node.meta[meta.FUSED_ACT] = act.name
             fused.add(act.name)
         elif kind == "input":
-            node.meta[meta.ROLE] = "input"
+            # token ids are integers already: nothing to quantize
+            node.meta[meta.ROLE] = "input" if ctx.example_input.is_floating_point() else "ids"
+        elif kind == "token_mask":
+            node.meta[meta.ROLE] = "mask"
         elif kind == "output":
             node.meta[meta.ROLE] = "output"
         elif kind in meta.PASS_THROUGH and node.name not in fused:
