@@ -349,8 +349,7 @@ class _Builder:
             x = self.node("Clip", [self.node("Add", [x, bias], f"{n.name}_keyed"), lo, hi], f"{n.name}_keyed_clip")
         consts = int_nonlinear_constants(n, self.types[n.inputs[0]])
         extra = {"valid": n.inputs[1]} if n.op is Op.MASKED_MEAN_INT else None
-        codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k", **(
-            {"extra": extra} if extra else {}))
+        codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k", extra=extra)
         self.q_double(codes, n.out, n.name, 1.0)
 
     def gelu(self, x: str, name: str, approximate: str) -> str:

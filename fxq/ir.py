@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import io
 import json
+import operator
 import zipfile
 from dataclasses import dataclass, field
 
@@ -62,9 +63,8 @@ INT_NONLINEAR_OPS = {"softmax": Op.SOFTMAX_INT, "gelu": Op.GELU_INT, "layer_norm
                      "masked_mean": Op.MASKED_MEAN_INT, "l2_normalize": Op.L2NORM_INT}
 INT_NONLINEAR_FN = {op: fn for fn, op in INT_NONLINEAR_OPS.items()}
 # token_mask comparisons: the graph function and its name in the IR.
-import operator as _operator  # noqa: E402
-TOKEN_COMPARISONS = {_operator.ne: "ne", _operator.eq: "eq", _operator.gt: "gt", _operator.ge: "ge",
-                     _operator.lt: "lt", _operator.le: "le"}
+TOKEN_COMPARISONS = {operator.ne: "ne", operator.eq: "eq", operator.gt: "gt", operator.ge: "ge",
+                     operator.lt: "lt", operator.le: "le"}
 # Ops that accumulate products of codes and constant weights into an int32 accumulator.
 WEIGHTED_OPS = frozenset({Op.CONV2D_INT, Op.LINEAR_INT, Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
 CONV_OPS = frozenset({Op.CONV2D_INT, Op.CONV2D_CLUSTER})

@@ -24,9 +24,11 @@ from fxq import islands, meta
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 
-_COMPARISONS = {operator.ne: "ne", torch.ne: "ne", operator.eq: "eq", torch.eq: "eq", operator.gt: "gt",
-                torch.gt: "gt", operator.ge: "ge", torch.ge: "ge", operator.lt: "lt", torch.lt: "lt",
-                operator.le: "le", torch.le: "le"}
+# Every spelling of a comparison, and the canonical operator.* function it becomes.
+_COMPARISONS = {f: op for op in (operator.ne, operator.eq, operator.gt, operator.ge, operator.lt, operator.le)
+                for f in (op, getattr(torch, op.__name__))}
+_COMPARISON_METHODS = {name: op for op in set(_COMPARISONS.values())
+                       for name in (op.__name__, f"__{op.__name__}__")}
 SUPPORTED = ("fxq lowers token ids used by nn.Embedding and by one comparison (ids != pad) whose result "
              "feeds an additive attention mask before a softmax or a mean over the valid tokens")
 
@@ -64,8 +66,13 @@ class _Masks:
                 inside.add(n)
                 self.domain.append(n)
         compares = [n for n in self.domain if ids in n.all_input_nodes]
+        for n in compares:                          # ids.ne(0), torch.ne(ids, 0) -> operator.ne(ids, 0)
+            if n.op == "call_method" and n.target in _COMPARISON_METHODS:
+                n.op, n.target = "call_function", _COMPARISON_METHODS[n.target]
+            elif n.op == "call_function" and n.target in _COMPARISONS:
+                n.target = _COMPARISONS[n.target]
         others = [n for n in compares if n.op != "call_function" or n.target not in _COMPARISONS
-                  or not isinstance(n.args[1], (int, float))]
+                  or len(n.args) != 2 or n.args[0] is not ids or not isinstance(n.args[1], (int, float))]
         if others:
             raise _unsupported(others[0], "the token ids are used by something other than an nn.Embedding or a "
                                           "comparison with a constant")
@@ -99,7 +106,7 @@ def _exits(masks: _Masks) -> list[tuple[fx.Node, fx.Node]]:
     return out
 
 
-def _mean_pattern(mul: fx.Node, mask: fx.Node, masks: _Masks):
+def _mean_pattern(mul: fx.Node, mask: fx.Node):
     """mul = x * m -> s = mul.sum(1) -> s / count: returns (x, div node) or None."""
     if mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) or len(mul.users) != 1:
         return None
@@ -145,7 +152,7 @@ def token_masks(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             gm.graph.erase_node(softmax)
             gm.graph.erase_node(user)
             continue
-        pattern = _mean_pattern(user, mask, masks)
+        pattern = _mean_pattern(user, mask)
         if pattern is not None:
             on_valid, on_invalid = masks.values(mask)
             if (masks.constant(user, on_valid, "pooling weight"), masks.constant(user, on_invalid, "pooling weight")) \

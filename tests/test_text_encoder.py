@@ -77,3 +77,25 @@ def test_other_uses_of_token_ids_are_refused_with_the_node():
 
     with pytest.raises(UnsupportedOp, match=r"node 'mul'.*computed from the token ids"):
         fxq.compile(Bad().eval(), torch.randint(0, 50, (8, 6)), progress=False)
+
+
+@pytest.mark.parametrize("spelling", ["op", "method", "torch"])
+def test_each_spelling_of_the_validity_comparison(spelling, tmp_path):
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(30, 8)
+
+        def forward(self, ids):
+            valid = {"op": lambda: ids != 0, "method": lambda: ids.ne(0), "torch": lambda: torch.ne(ids, 0)}[spelling]()
+            m = valid.unsqueeze(-1).float()
+            return (self.tok(ids) * m).sum(1) / m.sum(1).clamp(min=1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (16, 5))
+    qm = fxq.compile(Pool().eval(), ids, progress=False)
+    assert [n.attrs for n in qm.ir.nodes if n.op is Op.TOKEN_MASK] == [{"compare": "ne", "value": 0}]
+    qm.export_onnx(tmp_path / "p.onnx")
+    ref = qm.run_codes(ids.numpy())
+    assert np.array_equal(qm.fake_codes(ids), ref)
+    assert np.array_equal(onnx_qdq.run_codes(qm.ir, tmp_path / "p.onnx", ids.numpy()), ref)
