@@ -47,7 +47,8 @@ def _acc(logits: np.ndarray, y: np.ndarray) -> float:
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
 
 
-def run(name: str, calib_x, test_x, test_y, tmp: Path, exact_n: int, bits_list, threads: int) -> list[dict]:
+def run(name: str, calib_x, test_x, test_y, tmp: Path, exact_n: int, bits_list, threads: int,
+        methods=tuple(METHODS), nonlinears=tuple(ISLANDS), baselines_too: bool = True) -> list[dict]:
     y = test_y.numpy()
     model = zoo.load(name)
     fp32 = _acc(batched(lambda b: model(b).detach().numpy(), test_x), y)
@@ -63,8 +64,8 @@ def run(name: str, calib_x, test_x, test_y, tmp: Path, exact_n: int, bits_list, 
               flush=True)
 
     for bits in bits_list:
-        for method, kw in METHODS.items():
-            for nonlinear, island_kw in ISLANDS.items():
+        for method, kw in ((m, METHODS[m]) for m in methods):
+            for nonlinear, island_kw in ((n, ISLANDS[n]) for n in nonlinears):
                 t0 = time.perf_counter()
                 qm = fxq.compile(model, calib_x, "shift-int", progress=False, **BITS[bits], **kw, **island_kw)
                 secs = time.perf_counter() - t0
@@ -73,6 +74,8 @@ def run(name: str, calib_x, test_x, test_y, tmp: Path, exact_n: int, bits_list, 
                 add(f"fxq {method}", bits, nonlinear, logits, secs, round(100 * float(agreeing(codes).mean()), 2),
                     qm.report().summary["float islands"])
 
+    if not baselines_too:
+        return rows
     for cfg_name in ("x86_per_channel",):
         cfg = baselines.torch_ao_fx_configs()[cfg_name]
         try:
@@ -124,6 +127,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--nonlinear", nargs="+", default=list(ISLANDS), choices=list(ISLANDS))
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--part", default=None, help="write docs/bench_vit_<part>.md/.json, leave the README alone")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -131,7 +138,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         print(f"[{args.model}]", flush=True)
         rows = run(args.model, calib_x, test_x, test_y, Path(tmp), min(args.exact, len(test_x)), args.bits,
-                   args.threads)
+                   args.threads, args.methods, args.nonlinear, not args.no_baselines)
     meta = {"date": dt.date.today().isoformat(),
             "command": "python tools/bench_vit.py" + "".join(f" {a}" for a in sys.argv[1:]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
@@ -139,9 +146,10 @@ def main(argv=None):
             "exact_images": min(args.exact, len(test_x))}
     args.out.mkdir(exist_ok=True)
     md = markdown(rows, meta)
-    (args.out / "bench_vit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "bench_vit.md").write_text("# fxq benchmark: vision transformer\n\n" + md + "\n")
-    if not args.no_readme:
+    stem = "bench_vit" + (f"_{args.part}" if args.part else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"{stem}.md").write_text("# fxq benchmark: vision transformer\n\n" + md + "\n")
+    if not args.no_readme and not args.part:
         write_readme_block(md, README_BEGIN, README_END)
     print("\n" + md)
 
