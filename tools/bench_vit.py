@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -140,7 +141,7 @@ def main(argv=None):
         rows = run(args.model, calib_x, test_x, test_y, Path(tmp), min(args.exact, len(test_x)), args.bits,
                    args.threads, args.methods, args.nonlinear, not args.no_baselines)
     meta = {"date": dt.date.today().isoformat(),
-            "command": "python tools/bench_vit.py" + "".join(f" {a}" for a in sys.argv[1:]),
+            "command": shlex.join(["python", "tools/bench_vit.py", *sys.argv[1:]]),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "test_images": len(test_x), "calib_images": len(calib_x),
             "exact_images": min(args.exact, len(test_x))}
