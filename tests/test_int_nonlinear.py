@@ -21,58 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxq import int_nonlinear as inl
-from fxq.formats import Rounding, int_range, shift_round_np
-
-FORMATS = {"int8": int_range(8, True), "uint8": int_range(8, False), "int16": int_range(16, True)}
-LIMIT = 2 ** 52
-
-
-class Bounded(np.ndarray):
-    """float64 array that fails every ufunc whose result reaches 2**52 in magnitude: the module's claim."""
-    peak = 0.0
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = [x.view(np.ndarray) if isinstance(x, Bounded) else x for x in inputs]
-        return bounded(getattr(ufunc, method)(*inputs, **kwargs))
-
-
-def bounded(out):
-    if isinstance(out, np.ndarray) and out.dtype != bool:
-        if out.size:
-            Bounded.peak = max(Bounded.peak, float(np.abs(out).max()))
-            assert Bounded.peak < LIMIT, f"an intermediate reached {Bounded.peak:.3g} >= 2**52"
-        return out.view(Bounded)
-    return out
-
-
-class BoundedOps(inl.Float64Ops):
-    def codes(self, q, fn):
-        return super().codes(q, fn).view(Bounded)
-
-    def const(self, v, like):
-        return super().const(v, like).view(Bounded)
-
-    @staticmethod
-    def where(c, a, b):
-        return bounded(np.where(np.asarray(c), a, b))
-
-
-BOUNDED = BoundedOps()
-
-
-def run_all(fn, q, *args):
-    """fn's codes in numpy int64; asserts torch int64, float64 and the bounded float64 spelling agree."""
-    ref = fn(q, *args)
-    assert ref.dtype == np.int64
-    from_torch = fn(torch.as_tensor(q), *args)
-    assert from_torch.dtype == torch.int64
-    for name, out in [("torch", from_torch.numpy()),
-                      ("float64", fn(q.astype(np.float64), *args, xp=inl.FLOAT64)),
-                      ("bounded", fn(q.astype(np.float64), *args, xp=BOUNDED).view(np.ndarray))]:
-        bad = np.argwhere(out != ref)
-        assert bad.size == 0, f"{name} differs from numpy at {len(bad)} positions, first {bad[:3].tolist()}"
-    return ref
-
+from fxq.formats import Rounding, shift_round_np
+from kernel_checks import BOUNDED, FORMATS, Bounded, run_all, steps_off
 
 def random_codes(rng, fmt, rows, n):
     """Uniform codes over the whole range, both boundary codes in every row, plus peaked and constant rows."""
@@ -94,11 +44,6 @@ def extreme_rows(fmt, n):
     one_lo = np.full(n, r.hi)
     one_lo[-1] = r.lo
     return np.stack([np.full(n, r.lo), np.full(n, r.hi), alt, one_hi, one_lo]).astype(np.int64)
-
-
-def steps_off(codes, ref, frac_out, lo, hi):
-    """|code - exact value| in output steps, the exact value clamped to the output range."""
-    return np.abs(codes - np.clip(ref * 2.0 ** frac_out, lo, hi))
 
 
 # ---------------------------------------------------------------------------------------------

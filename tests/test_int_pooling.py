@@ -11,77 +11,22 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
-
 from fxq import int_nonlinear as inl
 from fxq.backends import onnx_int_nonlinear as oin
-from fxq.backends.onnx_qdq import IR_VERSION, OPSET
-from fxq.formats import int_range
+from kernel_checks import FORMATS, StandInBuilder, assert_ort_exact, model_of, run_all, steps_off
 
-FORMATS = {"int8": int_range(8, True), "uint8": int_range(8, False), "int16": int_range(16, True)}
 WIDE = (-2 ** 31, 2 ** 31 - 1)          # the accumulator range: no clamping in practice
-LIMIT = 2 ** 52
 SLACK = 1e-9                            # torch's float64 reference itself rounds
 
 
 # ---------------------------------------------------------------------------------------------
-# executors
+# inputs
 # ---------------------------------------------------------------------------------------------
-class Bounded(np.ndarray):
-    """float64 array that fails every ufunc whose result reaches 2**52 in magnitude: the module's claim."""
-    peak = 0.0
-
-    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        inputs = [x.view(np.ndarray) if isinstance(x, Bounded) else x for x in inputs]
-        return bounded(getattr(ufunc, method)(*inputs, **kwargs))
-
-
-def bounded(out):
-    if isinstance(out, np.ndarray) and out.dtype != bool:
-        if out.size:
-            Bounded.peak = max(Bounded.peak, float(np.abs(out).max()))
-            assert Bounded.peak < LIMIT, f"an intermediate reached {Bounded.peak:.3g} >= 2**52"
-        return out.view(Bounded)
-    return out
-
-
-class BoundedOps(inl.Float64Ops):
-    def codes(self, q, fn):
-        return super().codes(q, fn).view(Bounded)
-
-    @staticmethod
-    def where(c, a, b):
-        return bounded(np.where(np.asarray(c), a, b))
-
-
-BOUNDED = BoundedOps()
-
-
-def run_all(fn, arrays, *args, **kw):
-    """fn on int64 ``arrays`` in numpy; asserts torch int64, float64 and the bounded float64 spelling agree."""
-    ref = fn(*arrays, *args, **kw)
-    assert ref.dtype == np.int64
-    from_torch = fn(*[torch.as_tensor(a) for a in arrays], *args, **kw)
-    assert from_torch.dtype == torch.int64
-    f64 = [a.astype(np.float64) for a in arrays]
-    for name, out in [("torch", from_torch.numpy()), ("float64", fn(*f64, *args, **kw, xp=inl.FLOAT64)),
-                      ("bounded", fn(*f64, *args, **kw, xp=BOUNDED).view(np.ndarray))]:
-        bad = np.argwhere(out != ref)
-        assert bad.size == 0, f"{name} differs from numpy at {len(bad)} positions, first {bad[:3].tolist()}"
-    return ref
-
-
-def steps_off(codes, ref, frac_out, lo, hi):
-    return np.abs(codes - np.clip(ref * 2.0 ** frac_out, lo, hi))
-
-
 def token_codes(rng, fmt, n, t, d):
     """Uniform codes, with all-min, all-max and alternating-extreme sequences among them."""
     r = FORMATS[fmt]
@@ -242,52 +187,6 @@ def test_l2_normalize_any_format(n, d, fi, fo, bits, seed):
 # ---------------------------------------------------------------------------------------------
 # ONNX: the traced graph in ONNX Runtime equals numpy
 # ---------------------------------------------------------------------------------------------
-class StandInBuilder:
-    """What emit needs of backends.onnx_qdq._Builder: node, f64 and const, deduplicated by name."""
-
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: dict[str, onnx.TensorProto] = {}
-
-    def const(self, name, value):
-        value = np.asarray(value)
-        if name in self.inits:
-            assert np.array_equal(numpy_helper.to_array(self.inits[name]), value), f"{name} redefined"
-        else:
-            self.inits[name] = numpy_helper.from_array(value, name)
-        return name
-
-    def f64(self, name, value):
-        return self.const(name, np.asarray(value, np.float64))
-
-    def node(self, op, inputs, output, **attrs):
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-
-def model_of(b, inputs: dict, y: str, out_dims) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        b.nodes, "pool", [helper.make_tensor_value_info(k, TensorProto.DOUBLE, v) for k, v in inputs.items()],
-        [helper.make_tensor_value_info(y, TensorProto.DOUBLE, out_dims)], list(b.inits.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
-    return model
-
-
-def assert_ort_exact(model, feeds: dict, ref):
-    for optimized in (True, False):
-        so = ort.SessionOptions()
-        if not optimized:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        out = sess.run(None, {k: v.astype(np.float64) for k, v in feeds.items()})[0]
-        assert out.dtype == np.float64 and out.shape == ref.shape
-        bad = np.argwhere(out != ref)
-        assert bad.size == 0, f"optimized={optimized}: ORT differs from numpy at {len(bad)}, first {bad[:3].tolist()}"
-
-
 def mean_model(fi, fo, lo, hi):
     b = StandInBuilder()
     y = oin.emit(b, "masked_mean", "x", inl.masked_mean_constants(fi, fo), lo, hi, prefix="mm",

@@ -3,73 +3,23 @@ int64's bit for bit, with and without graph optimisations, and the models pass t
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from fxq import int_nonlinear as inl
 from fxq.backends import onnx_int_nonlinear as oin
-from fxq.backends.onnx_qdq import IR_VERSION, OPSET
+from kernel_checks import StandInBuilder, assert_ort_exact, model_of
 
 RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
 OUT = {"int8": (-128, 127), "uint8": (0, 255), "wide": (-2 ** 31, 2 ** 31 - 1)}     # the accumulator range: no clamping
 
 
-class StandInBuilder:
-    """What emit needs of backends.onnx_qdq._Builder: node, f64 and const, deduplicated by name."""
-
-    def __init__(self):
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: dict[str, onnx.TensorProto] = {}
-
-    def const(self, name, value):
-        if name not in self.inits:
-            self.inits[name] = numpy_helper.from_array(np.asarray(value), name)
-        return name
-
-    def f64(self, name, value):
-        return self.const(name, np.asarray(value, np.float64))
-
-    def node(self, op, inputs, output, **attrs):
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-
-def model_of(b: StandInBuilder, y: str, dims) -> onnx.ModelProto:
-    """input "x" (float64 codes) -> b's nodes -> output y (float64 codes), checked in full."""
-    graph = helper.make_graph(b.nodes, "inl", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, dims)],
-                              [helper.make_tensor_value_info(y, TensorProto.DOUBLE, dims)], list(b.inits.values()))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
-    return model
-
-
 def build(fn, consts, lo, hi, dims):
     b = StandInBuilder()
-    return model_of(b, oin.emit(b, fn, "x", consts, lo, hi, prefix=f"{fn}0"), dims)
-
-
-def run_ort(model, q):
-    """ORT's output for int64 codes q, under default session options and with optimisations disabled."""
-    outs = []
-    for optimized in (True, False):
-        so = ort.SessionOptions()
-        if not optimized:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        out = sess.run(None, {"x": q.astype(np.float64)})[0]
-        assert out.dtype == np.float64 and out.shape == q.shape
-        outs.append(out)
-    return outs
+    return model_of(b, {"x": dims}, oin.emit(b, fn, "x", consts, lo, hi, prefix=f"{fn}0"), dims)
 
 
 def assert_exact(model, q, ref):
-    for out, mode in zip(run_ort(model, q), ("optimized", "unoptimized")):
-        bad = np.argwhere(out != ref)
-        assert bad.size == 0, f"{mode}: ORT differs from numpy at {len(bad)} positions, first {bad[:3].tolist()}"
+    assert_ort_exact(model, {"x": q}, ref)
 
 
 def codes(fmt, n, seed):
@@ -152,7 +102,7 @@ def test_every_operator_has_a_float64_kernel():
         return b * 5 - xp.sum(xp.abs(x)) + xp.where(x > 1, 4, 1)
     b = StandInBuilder()
     xp = oin.OnnxOps(b, "ops")
-    model = model_of(b, f(xp, xp.codes("x", "ops")).name, ["N", "D"])
+    model = model_of(b, {"x": ["N", "D"]}, f(xp, xp.codes("x", "ops")).name, ["N", "D"])
     q = codes("int8", 16, 3)
     assert_exact(model, q, f(inl.NUMPY, q))
 
