@@ -258,21 +258,17 @@ class _Builder:
             x = self.node("Mul", [x, self.f64(f"{n.name}_in_mant", float(mant))], f"{n.name}_in_value")
         fn = n.attrs["fn"]
         if fn == "softmax" and "on_invalid" in n.attrs:
-            valid = n.inputs[1]
-            keys = self.node("Unsqueeze", [valid, self.const("axes_1_2", np.array([1, 2], np.int64))], f"{n.name}_keys")
-            bias = self.node("Where", [self.node("Cast", [keys], f"{n.name}_keys_bool", to=TensorProto.BOOL),
-                                       self.f64(f"{n.name}_on_valid", n.attrs["on_valid"]),
-                                       self.f64(f"{n.name}_on_invalid", n.attrs["on_invalid"])], f"{n.name}_bias")
+            bias = self.key_bias(n, n.attrs["on_valid"], n.attrs["on_invalid"])
             y = self.node("Softmax", [self.node("Add", [x, bias], f"{n.name}_masked")], f"{n.name}_f64", axis=-1)
         elif fn == "masked_mean":
-            m = self.node("Unsqueeze", [n.inputs[1], self.const("axes_m1", np.array([-1], np.int64))], f"{n.name}_m")
-            total = self.node("ReduceSum", [self.node("Mul", [x, m], f"{n.name}_xm"), self.const("axes_1", np.array([1], np.int64))],
+            m = self.node("Unsqueeze", [n.inputs[1], self.axes(-1)], f"{n.name}_m")
+            total = self.node("ReduceSum", [self.node("Mul", [x, m], f"{n.name}_xm"), self.axes(1)],
                               f"{n.name}_sum", keepdims=0)
-            count = self.node("ReduceSum", [m, self.const("axes_1", np.array([1], np.int64))], f"{n.name}_count", keepdims=0)
+            count = self.node("ReduceSum", [m, self.axes(1)], f"{n.name}_count", keepdims=0)
             count = self.node("Max", [count, self.f64("one_f64", 1.0)], f"{n.name}_count_1")
             y = self.node("Div", [total, count], f"{n.name}_f64")
         elif fn == "l2_normalize":
-            sq = self.node("ReduceSum", [self.node("Mul", [x, x], f"{n.name}_sq"), self.const("axes_m1", np.array([-1], np.int64))],
+            sq = self.node("ReduceSum", [self.node("Mul", [x, x], f"{n.name}_sq"), self.axes(-1)],
                            f"{n.name}_sumsq", keepdims=1)
             norm = self.node("Max", [self.node("Sqrt", [sq], f"{n.name}_norm"), self.f64(f"{n.name}_eps", n.attrs["eps"])],
                              f"{n.name}_norm_eps")
@@ -331,26 +327,34 @@ class _Builder:
 
     def int_nonlinear(self, n: Node) -> None:
         """fxq.int_nonlinear's kernel as float64 ops on integer values (all exact below 2**53)."""
-        x = self.node("Cast", [self.dq_of(n.inputs[0], self.types[n.inputs[0]], 0, f"_{n.name}_int")],
-                      f"{n.name}_codes", to=TensorProto.DOUBLE)
+        x = self.codes_f64(n.inputs[0], n.name)
         fn = INT_NONLINEAR_FN[n.op]
         if "mask" in n.consts:
-            x = self.node("Add", [x, self.f64(f"{n.name}_mask", n.consts["mask"].astype(np.float64))], f"{n.name}_masked")
-            lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
-            x = self.node("Clip", [x, lo, hi], f"{n.name}_masked_clip")
+            bias = self.f64(f"{n.name}_mask", n.consts["mask"].astype(np.float64))
+            x = self.int16_clip(self.node("Add", [x, bias], f"{n.name}_masked"))
         if "key_mask" in n.attrs:                  # per key token: the mask's code if valid, else padding's
-            on_valid, on_invalid = n.attrs["key_mask"]
-            keys = self.node("Unsqueeze", [n.inputs[1], self.const("axes_1_2", np.array([1, 2], np.int64))],
-                             f"{n.name}_keys")
-            bias = self.node("Where", [self.node("Cast", [keys], f"{n.name}_keys_bool", to=TensorProto.BOOL),
-                                       self.f64(f"{n.name}_on_valid", float(on_valid)),
-                                       self.f64(f"{n.name}_on_invalid", float(on_invalid))], f"{n.name}_bias")
-            lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
-            x = self.node("Clip", [self.node("Add", [x, bias], f"{n.name}_keyed"), lo, hi], f"{n.name}_keyed_clip")
+            bias = self.key_bias(n, *(float(c) for c in n.attrs["key_mask"]))
+            x = self.int16_clip(self.node("Add", [x, bias], f"{n.name}_keyed"))
         consts = int_nonlinear_constants(n, self.types[n.inputs[0]])
         extra = {"valid": n.inputs[1]} if n.op is Op.MASKED_MEAN_INT else None
         codes = onnx_int_nonlinear.emit(self, fn, x, consts, n.out.lo, n.out.hi, f"{n.name}_k", extra=extra)
         self.q_double(codes, n.out, n.name, 1.0)
+
+    def axes(self, *axes: int) -> str:
+        return self.const("axes_" + "_".join(str(a) for a in axes).replace("-", "m"), np.array(axes, np.int64))
+
+    def key_bias(self, n: Node, on_valid: float, on_invalid: float) -> str:
+        """The additive mask of a key-masked softmax: per key token [N, 1, 1, T], one value if valid, another
+        for padding (``n.inputs[1]`` is the token_mask)."""
+        keys = self.node("Unsqueeze", [n.inputs[1], self.axes(1, 2)], f"{n.name}_keys")
+        return self.node("Where", [self.node("Cast", [keys], f"{n.name}_keys_bool", to=TensorProto.BOOL),
+                                   self.f64(f"{n.name}_on_valid", on_valid),
+                                   self.f64(f"{n.name}_on_invalid", on_invalid)], f"{n.name}_bias")
+
+    def int16_clip(self, x: str) -> str:
+        """Saturate integer values to the kernels' input range (fxq.int_nonlinear.CODE_RANGE)."""
+        lo, hi = self.f64("int16_lo", float(inl.CODE_RANGE.lo)), self.f64("int16_hi", float(inl.CODE_RANGE.hi))
+        return self.node("Clip", [x, lo, hi], f"{x}_clip")
 
     def gelu(self, x: str, name: str, approximate: str) -> str:
         """fxq.islands' GELU, op for op in the same order (ONNX Runtime has no float64 Erf)."""

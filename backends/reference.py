@@ -44,6 +44,7 @@ def _exact_matmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
 class OpRun:
     op: Op
     also: tuple = ()          # further ops the same kernel executes
+    reads_input_type = False  # run() also gets t=, the first input's TensorType (its step, twin spec, ...)
 
     def run(self, node: Node, *xs: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -63,6 +64,7 @@ class Quantize(OpRun):
 
 class Dequantize(OpRun):
     op = Op.DEQUANTIZE
+    reads_input_type = True
 
     def run(self, node, x, t=None):
         return (x.astype(np.float64) - t.zp) * t.step
@@ -241,6 +243,7 @@ class MatmulInt(OpRun):
 class FloatIsland(OpRun):
     """Dequantize, the function in float64 (fxq.islands, as every executor computes it), quantize."""
     op = Op.FLOAT_ISLAND
+    reads_input_type = True
 
     def run(self, node, x, valid=None, t=None):
         a = node.attrs
@@ -265,6 +268,7 @@ class IntNonlinear(OpRun):
     """Integer-only softmax/GELU/LayerNorm/masked mean/L2 norm: fxq.int_nonlinear on int64 codes."""
     op = Op.SOFTMAX_INT
     also = (Op.GELU_INT, Op.LAYERNORM_INT, Op.MASKED_MEAN_INT, Op.L2NORM_INT)
+    reads_input_type = True
 
     def run(self, node, x, valid=None, t=None):
         c = int_nonlinear_constants(node, t)
@@ -306,6 +310,7 @@ class TwinQuant(OpRun):
 
 class TwinExpand(OpRun):
     op = Op.TWIN_EXPAND
+    reads_input_type = True
 
     def run(self, node, codes, t=None):
         return twin_expand(codes.astype(np.int64), _twin(t))
@@ -347,10 +352,9 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         if node.op not in OPS:
             raise NotImplementedError(f"reference backend has no kernel for op {node.op!r}; known: {sorted(o.value for o in OPS)}")
         xs = [env[i] for i in node.inputs]
-        if node.op in (Op.DEQUANTIZE, Op.FLOAT_ISLAND, Op.TWIN_EXPAND) or node.op in INT_NONLINEAR_FN:
-            env[node.name] = OPS[node.op].run(node, *xs, t=types[node.inputs[0]])
-        else:
-            env[node.name] = OPS[node.op].run(node, *xs)
+        kernel = OPS[node.op]
+        extra = {"t": types[node.inputs[0]]} if kernel.reads_input_type else {}
+        env[node.name] = kernel.run(node, *xs, **extra)
     return env if keep else {g.output: env[g.output], "codes": env[g.node(g.output).inputs[0]]}
 
 

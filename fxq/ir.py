@@ -225,7 +225,9 @@ class Graph:
 
     # -- printing -------------------------------------------------------------------------------
     def __str__(self) -> str:
-        rows = [(f"%{n.name}", f"{n.op.value}({', '.join(self._arg_text(n))})", f"-> {n.out.short()}") for n in self.nodes]
+        types = self.types()
+        rows = [(f"%{n.name}", f"{n.op.value}({', '.join(self._arg_text(n, types))})", f"-> {n.out.short()}")
+                for n in self.nodes]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
         head = f"# fxq integer graph: input {self.input_name}:{self.input_type.short()}, {len(self.nodes)} nodes"
@@ -235,7 +237,7 @@ class Graph:
 
     __repr__ = __str__
 
-    def _arg_text(self, n: Node) -> list[str]:
+    def _arg_text(self, n: Node, types: dict[str, TensorType]) -> list[str]:
         a = n.attrs
         ins = [f"%{i}" if i != self.input_name else f"{i}:{self.input_type.short()}" for i in n.inputs]
         if n.op in WEIGHTED_OPS:
@@ -301,7 +303,7 @@ class Graph:
             bits, m, signed = n.out.twin
             ins.append(f"{'neg' if signed else f'<{2 ** (bits - 1)}'} -> R1, else R2 >>{m} {a['rounding']}")
         elif n.op is Op.TWIN_EXPAND:
-            ins.append(f"R2 <<{self.types()[n.inputs[0]].twin[1]}")
+            ins.append(f"R2 <<{types[n.inputs[0]].twin[1]}")
         elif n.op is Op.SOFTMAX_INT:
             ins += ["exp2 poly5, /sum"] + (["+mask"] if "mask" in n.consts else [])
             ins += [f"key mask {a['key_mask'][0]}|{a['key_mask'][1]}"] if "key_mask" in a else []

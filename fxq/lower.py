@@ -17,12 +17,12 @@ import torch.fx as fx
 
 from . import islands, meta
 from .errors import UnsupportedOp, describe_node
-from .walk import attr_value, data_inputs
 from .fakequant import IntNonlinear, QAdd, QConv2d, QLinear, clamp_codes
 from .formats import ACC_RANGE, DEFAULT_ROUNDING, quantize_np, storage_dtype
 from .ir import INT_NONLINEAR_OPS, TOKEN_COMPARISONS, Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
+from .walk import attr_value, data_inputs
 
 
 def _batchless(shape) -> tuple:
@@ -122,16 +122,11 @@ class _Lowerer:
         if kind in meta.ISLANDS:
             return self.island(src, out, rounding)
         if kind == "embedding":
-            table = self.modules[src.target].weight.detach().double().numpy()
-            codes = quantize_np(table, fmt.frac, fmt.range, self.target.rounding, fmt.mant, fmt.zp)
-            return self.emit(name, Op.GATHER, [self.ir_input(src.args[0])], out, {},
-                             {"table": codes.astype(storage_dtype(fmt.bits, fmt.signed))})
+            table = self.act_codes(self.modules[src.target].weight, fmt)
+            return self.emit(name, Op.GATHER, [self.ir_input(src.args[0])], out, {}, {"table": table})
         if kind == "const":
-            value = attr_value(self.gm, src.target)
-            codes = quantize_np(value.detach().double().numpy(), fmt.frac, fmt.range, self.target.rounding, fmt.mant,
-                                fmt.zp)
-            const_t = replace(out, shape=tuple(codes.shape))
-            return self.emit(name, Op.CONST, [], const_t, {}, {"codes": codes.astype(storage_dtype(fmt.bits, fmt.signed))})
+            codes = self.act_codes(attr_value(self.gm, src.target), fmt)
+            return self.emit(name, Op.CONST, [], replace(out, shape=tuple(codes.shape)), {}, {"codes": codes})
         if kind == "add":
             a, b = (self.ir_input(x) for x in src.args[:2])
             if dyadic is not None:
@@ -153,6 +148,12 @@ class _Lowerer:
                 attrs.update(multiplier=int(dyadic.multiplier), shift=int(dyadic.shift), x_zp=self.types[x].zp)
             return self.emit(name, Op.AVGPOOL_INT, [x], out, attrs)
         raise UnsupportedOp(f"{describe_node(src)}: no integer op produces a {kind!r} output")
+
+    def act_codes(self, value, fmt: ActFormat) -> np.ndarray:
+        """A constant tensor (embedding table, class token) as codes of an activation format."""
+        codes = quantize_np(value.detach().double().numpy(), fmt.frac, fmt.range, self.target.rounding, fmt.mant,
+                            fmt.zp)
+        return codes.astype(storage_dtype(fmt.bits, fmt.signed))
 
     def twin(self, name: str, fmt: ActFormat) -> str:
         """Twin-uniform qpoints: the producer's fine codes are stored as b-bit twin codes and expanded
@@ -203,14 +204,14 @@ class _Lowerer:
         """The IR keeps what the kernel needs: fracs in the types, LayerNorm's integer constants, mask codes."""
         attrs, consts = {}, {}
         c, mask, key_mask = m.constants()
-        if key_mask is not None:
-            attrs["key_mask"] = tuple(key_mask)
         if m.fn == "layer_norm":
             attrs = {"n": c.n, "var_shift": c.var_shift, "eps": int(c.eps), "norm_shift": c.norm_shift,
                      "norm_max": c.norm_max, "gamma_frac": c.gamma_frac, "out_shift": c.out_shift}
             consts = {"gamma": np.asarray(c.gamma, np.int64), "beta": np.asarray(c.beta, np.int64)}
-        elif mask is not None:
+        if mask is not None:
             consts["mask"] = np.asarray(mask, np.int16)
+        if key_mask is not None:
+            attrs["key_mask"] = tuple(key_mask)
         return self.emit(node.name, INT_NONLINEAR_OPS[m.fn], ins, out, attrs, consts)
 
     # -- conv / linear: accumulate in int32 -----------------------------------------------------------

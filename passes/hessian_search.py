@@ -86,26 +86,26 @@ def _search_activations(gm, ctx, modules, x) -> int:
             seen.update(m.name for m in g)
             groups.append(g)
     cands = {tuple(m.target for m in g): modules[g[0].target].fmt.neighbours(t.search_radius) for g in groups}
+    # each member is judged at its own sign/bits, with the group's candidate step
+    own = {target: [modules[target].fmt.with_frac(f.frac) if f.twin is None else f for f in fmts]
+           for key, fmts in cands.items() for target in key}
     err = {key: np.zeros(len(c)) for key, c in cands.items()}
     names = [n.target for n in nodes]
     for batch in tqdm(x.split(_BATCH), desc="fxq hessian search (activations)", disable=not ctx.progress, leave=False):
         cap = _captured(gm, batch, modules, names, want_input=False)
-        for key, fmts in cands.items():
+        for key in cands:
             for target in key:
                 if target in cap:
                     _, value, grad = cap[target]
-                    # each member is judged at its own sign/bits, with the group's candidate step
-                    own = [modules[target].fmt.with_frac(f.frac) if f.twin is None else f for f in fmts]
-                    err[key] += _fq_error(modules[target], value, grad, own)
+                    err[key] += _fq_error(modules[target], value, grad, own[target])
     changed = 0
     for g in groups:
         key = tuple(m.target for m in g)
         best = cands[key][int(np.argmin(err[key]))]
         current = modules[g[0].target].fmt
         if (best.frac, best.twin) != (current.frac, current.twin):
-            twin = best.twin
-            set_activation_format(gm, g[0], (lambda f, b=best: b) if twin is not None
-                                  else (lambda f, b=best: f.with_frac(b.frac)), t.acc_bits)
+            change = (lambda f: best) if best.twin is not None else (lambda f: f.with_frac(best.frac))
+            set_activation_format(gm, g[0], change, t.acc_bits)
             changed += len(g)
     return changed
 
