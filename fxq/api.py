@@ -61,7 +61,8 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
     (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all).
     ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
-    power-of-two weight exponents and activation steps), "adaround" (rounding only), or a dict /
+    power-of-two weight exponents and activation steps), "adaround" (rounding only), "gptq" (each layer's
+    rounding in closed form against its inputs' second moments, passes/reconstruct_gptq), or a dict /
     fxq.ReconstructOptions of its options (iters, time_budget, qdrop, ...).
     """
     from .passes import PIPELINE

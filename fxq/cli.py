@@ -53,7 +53,8 @@ _search_option = click.option(
 
 _reconstruct_options = [
     click.option("--reconstruct", type=click.Choice([*RECONSTRUCT_MODES, "off"]), default="off", show_default=True,
-                 help="Block-wise reconstruction: rapq (rounding + power-of-two steps) or adaround (rounding only)."),
+                 help="Reconstruction: rapq (block-wise rounding + power-of-two steps), adaround (block-wise rounding only) "
+                      "or gptq (layer-wise rounding in closed form, seconds)."),
     click.option("--recon-iters", type=click.IntRange(min=1), default=None,
                  help="Reconstruction iterations per block (default: fxq's)."),
     click.option("--recon-budget", type=click.FloatRange(min=0, min_open=True), default=None,

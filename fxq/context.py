@@ -19,7 +19,7 @@ SEARCH_MODES = ("hessian",)
 
 
 # What reconstruct learns: rounding + power-of-two steps (RAPQ), or the rounding only (AdaRound).
-RECONSTRUCT_MODES = ("rapq", "adaround")
+RECONSTRUCT_MODES = ("rapq", "adaround", "gptq")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class ReconstructOptions:
     bn_match: float = 0.0
     qdrop: float = 0.5
     chain_layers: int = 3
+    # mode "gptq": H + damp * mean(diag H) * I, GPTQ's 1%: invertible where an input never varies
+    damp: float = 0.01
 
     def __post_init__(self):
         def bad(name, why):
@@ -66,7 +68,7 @@ class ReconstructOptions:
         for name in ("lr", "exp_lr", "act_lr", "bn_p_coeff"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 bad(name, "must be a positive number")
-        for name in ("rounding_weight", "bn_match"):
+        for name in ("rounding_weight", "bn_match", "damp"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 bad(name, "must be a number >= 0")
         if not (isinstance(self.qdrop, (int, float)) and 0 <= self.qdrop < 1):

@@ -74,6 +74,9 @@ class Target:
     share_residual_scales: bool = True
     # Activations after ReLU/ReLU6 use unsigned codes (one more bit of resolution).
     unsigned_after_relu: bool = True
+    # passes/fit_clamp_range: a clamped activation (ReLU6) is rescaled so that its bound is the top code
+    # of its power-of-two step (for ReLU6 at 8 bits the layers around it absorb a factor 1.328).
+    fit_clamps: bool = False
     # The error search looks at this many exponents finer than the no-clip one.
     exp_search_radius: int = 3
     # hessian_search tries this many fractional lengths either side of choose_formats' choice.

@@ -6,6 +6,7 @@ from .propagate_shapes import propagate_shapes
 from .fold_bn import fold_bn
 from .fold_pool_divisor import fold_pool_divisor
 from .fold_constant_scale import fold_constant_scale
+from .fit_clamp_range import fit_clamp_range
 from .insert_observers import insert_observers
 from .calibrate import calibrate
 from .data_free_stats import data_free_stats
@@ -25,6 +26,7 @@ PIPELINE = (
     fold_bn,
     fold_pool_divisor,
     fold_constant_scale,
+    fit_clamp_range,
     insert_observers,
     calibrate,
     data_free_stats,

@@ -506,5 +506,21 @@ def canonicalize(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if not isinstance(out.args[0], fx.Node):
         raise UnsupportedOp("fxq compiles models with exactly one tensor output; this one returns "
                             f"{type(out.args[0]).__name__}")
+    _refuse_shared_layers(graph)
     gm.delete_all_unused_submodules()
     return gm
+
+
+def _refuse_shared_layers(graph: fx.Graph) -> None:
+    """A conv/linear module called twice would need one weight format for two inputs of different
+    formats; say so rather than fail later inside a pass."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.meta.get(meta.KIND) in meta.WEIGHTED:
+            calls.setdefault(node.target, []).append(node)
+    for target, nodes in calls.items():
+        if len(nodes) > 1:
+            raise UnsupportedOp(f"{describe_node(nodes[1])}: module {target!r} is called {len(nodes)} times (nodes "
+                                         f"{', '.join(n.name for n in nodes)}); fxq gives every call of a conv/linear "
+                                         f"its own quantized weights and formats: give each call its own module "
+                                         f"(copy.deepcopy)")

@@ -29,6 +29,8 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   of two and the verifier checks the integer graph that results.
 - mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
   reference); only the rounding is learned.
+- mode "gptq": no blocks and no training; each conv/linear is rounded in closed form against its
+  inputs' second moments (passes/reconstruct_gptq, fxq.obq). Steps stay as chosen.
 - p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
   (the RAPQ code's normalisation; c = ``bn_p_coeff``, 0.1 in that code, 2.0 here so p spans (1, 3)
   around BRECQ's 2-2.4); p = 2 without a BN, or ``lp`` when set. Optional ``bn_match``: the
@@ -67,6 +69,8 @@ from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_
                          rectified_sigmoid, rounding_regulariser)
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
+
+from .reconstruct_gptq import reconstruct_gptq
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -277,6 +281,8 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     opts: ReconstructOptions | None = ctx.reconstruct
     if opts is None or ctx.calib_batches is None:
         return gm
+    if opts.mode == "gptq":
+        return reconstruct_gptq(gm, ctx)
     rec = _Reconstructor(gm, ctx, opts)
     blocks = split_blocks(gm, opts.chain_layers)
     if not blocks:

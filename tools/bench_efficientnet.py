@@ -62,11 +62,23 @@ LOWBIT_CONFIGS = [
      {"search": "hessian", "bias_correction": "weights", "reconstruct": _RECON_1E3}),
     ("fxq shift-int + Hessian search + RAPQ reconstruction, checked bias correction", "shift-int", "W8A8",
      {"search": "hessian", "reconstruct": _RECON}),
+    # 2026-12-02: layer-wise GPTQ rounding (seconds, not a 1200 s budget) and the clamp fit, on all 240 crops.
+    ("fxq shift-int + clamp fit + GPTQ reconstruction", "shift-int", "W8A8",
+     {"fit_clamps": True, "bias_correction": "weights", "reconstruct": "gptq"}),
+    ("fxq shift-int + clamp fit + Hessian search + GPTQ reconstruction", "shift-int", "W8A8",
+     {"fit_clamps": True, "search": "hessian", "bias_correction": "weights", "reconstruct": "gptq"}),
+    ("fxq shift-int + clamp fit + Hessian search + GPTQ reconstruction, checked bias correction", "shift-int",
+     "W8A8", {"fit_clamps": True, "search": "hessian", "reconstruct": "gptq"}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "search": "hessian", "bias_correction": "weights",
       "reconstruct": _RECON_1E3}),
+    ("fxq shift-int W4A4 + clamp fit + Hessian search + GPTQ reconstruction", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian", "bias_correction": "weights",
+      "reconstruct": "gptq"}),
+    ("fxq shift-int W4A4 + clamp fit + Hessian search + GPTQ reconstruction, checked bias correction", "shift-int",
+     "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian", "reconstruct": "gptq"}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
@@ -103,8 +115,13 @@ def main(argv=None):
     p.add_argument("--lowbit", action="store_true", help="run the Hessian-search/reconstruction rows instead of "
                    "the targets and baselines (writes bench_efficientnet_lowbit.md/.json and README's effnet-lowbit "
                    "block)")
+    p.add_argument("--methods", nargs="+", metavar="LABEL",
+                   help="with --lowbit: run only the rows whose label starts with one of these, and merge them into "
+                        "the existing docs/bench_efficientnet_lowbit.json (same label and bits: replaced)")
     args = p.parse_args(argv)
     cli_args = sys.argv[1:] if argv is None else list(argv)
+    if args.methods and not args.lowbit:
+        p.error("--methods picks --lowbit rows; add --lowbit")
     t_start = time.perf_counter()
     partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
                or args.ort_configs is not None)
@@ -138,6 +155,8 @@ def main(argv=None):
 
     calib_batches = list(calib_x.split(BATCH))
     for label, target, bits, overrides in (LOWBIT_CONFIGS if args.lowbit else FXQ_CONFIGS):
+        if args.methods and not label.startswith(tuple(args.methods)):
+            continue
         if target not in fxq.targets():
             notes.append(f"{label}: skipped, target {target!r} is not registered in this fxq")
             print(f"  {label}: skipped (target {target!r} not registered)", flush=True)
@@ -205,9 +224,13 @@ def main(argv=None):
             "calib_photos": len(set(calib_names[: len(calib_x)])), "notes": notes, "exact_crops": min(args.exact_crops, len(eval_x)),
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "fp32_margin_quantiles": {f"{q:g}": round(float(np.quantile(margin, q)), 3) for q in MARGIN_QUANTILES}}
-    md = markdown(rows, meta)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "bench_efficientnet_lowbit" if args.lowbit else "bench_efficientnet"
+    for r in rows:
+        r.update(date=meta["date"], command=meta["command"])
+    if args.methods:
+        rows, meta = merged_rows(args.out / f"{stem}.json", rows, meta)
+    md = markdown(rows, meta)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
     if not args.no_readme and not partial:
@@ -216,6 +239,23 @@ def main(argv=None):
         print("partial run (--calib/--limit/--skip-baselines/--no-exact/--ort-configs): README.md left alone", flush=True)
     print(f"\nwrote {args.out / (stem + '.md')} and .json; {meta['total_seconds']:.0f} s in all")
     print("\n" + md)
+
+
+def merged_rows(path: Path, new: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """The rows of an earlier run with ``new`` in place of the same (method, bits), in LOWBIT_CONFIGS order;
+    each row keeps the date and command it was measured with, and the table names every command."""
+    old = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+    for r in old["rows"]:
+        r.setdefault("date", old["meta"].get("date"))
+        r.setdefault("command", old["meta"].get("command"))
+    fresh = {(r["method"], r["bits"]) for r in new}
+    rows = [r for r in old["rows"] if (r["method"], r["bits"]) not in fresh] + new
+    order = [label for label, *_ in LOWBIT_CONFIGS]
+    rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+    meta = {**meta, "date": ", ".join(sorted({r["date"] for r in rows})),
+            "command": "`; `".join(dict.fromkeys(r["command"] for r in rows)),
+            "notes": old["meta"].get("notes", []) + meta.get("notes", [])}
+    return rows, meta
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

@@ -17,7 +17,10 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
   first measured with;
 - the rows "…, checked bias correction" take compile's default after reconstruction ("auto" =
   "checked": the empirical correction, kept only if the network output gets closer to the float one);
-  with a rounding lr 4e-3, and with activation step search or 3000 iterations where the label says.
+  with a rounding lr 4e-3, and with activation step search or 3000 iterations where the label says;
+- + GPTQ reconstruction: each layer rounded in closed form against its inputs' second moments
+  (``reconstruct="gptq"``, fxq's default formats, no Hessian search), and the same with
+  ``fit_clamps=True`` (ReLU6 outputs rescaled so the clamp is the top code).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -86,6 +89,10 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
          "shift-int", {**bits, **rapq, "reconstruct": {**new, "mode": "rapq", "act_search": 1}}),
         ("+ RAPQ power-of-two reconstruction, rounding lr 4e-3, checked bias correction, 3000 iterations",
          "shift-int", {**bits, **rapq, "reconstruct": {**new, "mode": "rapq", "iters": 3000}}),
+        ("+ GPTQ reconstruction (layer-wise, closed form), checked bias correction", "shift-int",
+         {**bits, "reconstruct": {"mode": "gptq"}}),
+        ("+ clamp fit + GPTQ reconstruction, checked bias correction", "shift-int",
+         {**bits, "fit_clamps": True, "reconstruct": {"mode": "gptq"}}),
     ]
 
 

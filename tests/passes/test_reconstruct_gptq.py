@@ -1,0 +1,109 @@
+"""reconstruct mode "gptq": input moments, rounding no worse than nearest on the layers' own inputs, and
+the integer graph it leaves (on the grid, exact, deterministic)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxq
+from conftest import assert_three_executors, tiny
+from fxq.errors import CalibrationError, UnsupportedOp
+from fxq.fakequant import QConv2d, _QWeighted, set_quantization
+from passes.reconstruct_gptq import _Moments
+
+X = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+
+
+def _hessians(qm, x):
+    """Input moments of every layer in the float model, by _Moments itself."""
+    layers = {n: m for n, m in qm.fake.named_modules() if isinstance(m, _QWeighted)}
+    acc = {n: _Moments(m) for n, m in layers.items()}
+    hooks = [layers[n].register_forward_hook(a) for n, a in acc.items()]
+    set_quantization(qm.fake, False)
+    with torch.no_grad():
+        qm.fake(x)
+    set_quantization(qm.fake, True)
+    for h in hooks:
+        h.remove()
+    return layers, {n: a.hessian() for n, a in acc.items()}
+
+
+def _layer_errors(qm, x):
+    """E||(W - Q) x||² per layer, Q the weights the integer graph uses, x the float model's input."""
+    layers, hess = _hessians(qm, x)
+    out = {}
+    for name, m in layers.items():
+        g = hess[name].shape[0]
+        d = (m.weight.detach().double() - m.qweight().detach().double()).reshape(g, m.weight.shape[0] // g, -1)
+        out[name] = float(torch.einsum("grk,gkj,grj->", d, hess[name], d))
+    return out
+
+
+def test_depthwise_moments_match_the_patches():
+    conv = QConv2d.__new__(QConv2d)
+    nn.Module.__init__(conv)
+    conv.weight = nn.Parameter(torch.zeros(2, 1, 3, 3))
+    conv.stride, conv.padding, conv.dilation, conv.groups = (2, 2), (1, 1), (1, 1), 2
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    acc = _Moments(conv)
+    acc(conv, (x,), None)
+    padded = F.pad(x, (1, 1, 1, 1)).double()
+    for c in range(2):
+        patches = [padded[n, c, i:i + 3, j:j + 3].reshape(-1) for n in range(3) for i in (0, 2, 4) for j in (0, 2, 4)]
+        p = torch.stack(patches)
+        assert torch.allclose(acc.hessian()[c], p.T @ p / len(patches))
+
+
+def test_linear_moments_cover_every_token():
+    lin = fxq.fakequant.QLinear.__new__(fxq.fakequant.QLinear)
+    nn.Module.__init__(lin)
+    lin.weight = nn.Parameter(torch.zeros(3, 4))
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(1))
+    acc = _Moments(lin)
+    acc(lin, (x,), None)
+    rows = x.reshape(-1, 4).double()
+    assert torch.allclose(acc.hessian()[0], rows.T @ rows / 10)
+
+
+@pytest.mark.parametrize("name", ["inverted_residual", "residual", "pools_and_pads"])
+def test_output_error_no_worse_than_nearest(name):
+    """Per layer on its own float input: OBQ's greedy order may lose on a small layer, so the sum over the
+    model must fall, and no layer may get much worse."""
+    kw = {"w_bits": 4, "a_bits": 8, "bias_correction": None, "progress": False}
+    nearest = _layer_errors(fxq.compile(tiny(name), X, "shift-int", **kw), X)
+    gptq = _layer_errors(fxq.compile(tiny(name), X, "shift-int", reconstruct={"mode": "gptq", "samples": 48}, **kw), X)
+    assert sum(gptq.values()) < 0.8 * sum(nearest.values())
+    assert all(gptq[n] <= 1.1 * nearest[n] + 1e-12 for n in nearest)
+
+
+def test_weights_on_the_grid_exact_and_deterministic():
+    runs = [fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, reconstruct="gptq", w_bits=4,
+                        a_bits=4) for _ in range(2)]
+    for m in (m for m in runs[0].fake.modules() if isinstance(m, _QWeighted)):
+        scale = 2.0 ** torch.as_tensor(m.w_fmt.frac_array, dtype=torch.float64).reshape(-1, *[1] * (m.weight.dim() - 1))
+        codes = m.weight_q.double() * scale
+        assert torch.equal(codes, codes.round())
+        assert codes.min() >= m.w_fmt.range.lo and codes.max() <= m.w_fmt.range.hi
+    for a, b in zip(runs[0].ir.nodes, runs[1].ir.nodes):
+        assert a.inputs == b.inputs and a.consts.keys() == b.consts.keys()
+        assert all(np.array_equal(a.consts[k], b.consts[k]) for k in a.consts)
+    assert any("reconstruct (gptq)" in n for n in runs[0].notes)
+    assert_three_executors(runs[0], X[:8])
+
+
+def test_int8_target_is_exact_too():
+    qm = fxq.compile(tiny("residual"), X, "int8", progress=False, reconstruct="gptq", w_bits=4)
+    assert_three_executors(qm, X[:8])
+
+
+def test_cluster_weights_are_refused_by_layer():
+    with pytest.raises(UnsupportedOp, match="gptq.*cluster"):
+        fxq.compile(tiny("residual"), X, "dfp-cluster", progress=False, reconstruct="gptq")
+
+
+def test_damp_must_be_non_negative():
+    with pytest.raises(CalibrationError, match="damp"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "damp": -1})
