@@ -4,7 +4,9 @@ photographs (calibration and evaluation crops come from disjoint photos; see fxq
 
 Writes docs/bench_efficientnet.md/.json (or --out DIR) and, on a full run only, the table into README.md
 between the effnet markers. A partial run (--calib, --limit, --skip-baselines, --no-exact, --ort-configs)
-never touches README.md. Smoke test: python tools/bench_efficientnet.py --calib 16 --limit 16 --out /tmp/effnet
+never touches README.md. With --lowbit, --methods LABEL... runs only those rows and merges them into the
+table already in docs/ (each row keeps the date and command it was measured with).
+Smoke test: python tools/bench_efficientnet.py --calib 16 --limit 16 --out /tmp/effnet
 """
 from __future__ import annotations
 
