@@ -90,3 +90,16 @@ class SharedLayer(nn.Module):
 def test_a_layer_called_twice_is_refused_by_name():
     with pytest.raises(UnsupportedOp, match=r"module 'b' is called 2 times \(nodes b, b_1\).*copy.deepcopy"):
         fxq.compile(SharedLayer().eval(), X, "shift-int", progress=False, fit_clamps=True)
+
+
+def test_data_free_formats_see_the_scaled_bn_statistics():
+    """Without calibration data the formats come from the folded BN's statistics, which scale with the
+    producer: the fitted clamps still choose the step whose top code is the bound."""
+    qm = fxq.compile(tiny("inverted_residual"), None, "shift-int", progress=False, fit_clamps=True,
+                     input_shape=(1, 1, 28, 28), input_range=(-3.0, 3.0))
+    fitted = [n for n in _clamps(qm).values() if n.args[2] != 6.0]
+    assert len(fitted) == 3
+    for node in fitted:
+        fmt = node.meta[meta.ACT_FMT]
+        assert (fmt.frac, fmt.range.hi) == (5, 255) and fmt.range.hi * 2.0**-fmt.frac == node.args[2]
+    assert_three_executors(qm, X[:8])
