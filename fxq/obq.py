@@ -7,47 +7,38 @@ is pushed onto the columns not yet rounded so that the expected output error (w 
 grows as little as possible: with U the upper Cholesky factor of H⁻¹, after rounding column i,
 w[i+1:] -= (w_i - q_i) / U_ii * U[i, i+1:]. Columns go in order of decreasing H_ii ("act order"),
 so the most used inputs are rounded while the most columns are left to compensate.
-
-Trailing ``free`` columns are never rounded and take the compensation last: a bias column (inputs
-augmented with a constant 1) ends up as the least-squares bias for the rounded weights.
 """
 from __future__ import annotations
 
 import torch
 
 
-def damped(hess: torch.Tensor, damp: float, free: int = 0) -> torch.Tensor:
+def damped(hess: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I over a batch [B, K, K]: invertible even where an input never varies
     (dead channels, zero padding) and less eager to trust directions seen on few samples."""
     k = hess.shape[-1]
-    diag = torch.diagonal(hess, dim1=-2, dim2=-1)[..., : k - free]
+    diag = torch.diagonal(hess, dim1=-2, dim2=-1)
     level = diag.mean(-1).clamp(min=torch.finfo(hess.dtype).tiny)
     return hess + damp * level[..., None, None] * torch.eye(k, dtype=hess.dtype, device=hess.device)
 
 
-def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, hi: int, *,
-              free: int = 0, act_order: bool = True) -> torch.Tensor:
+def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Round rows ``w`` [B, R, K] to codes in [lo, hi] times ``step`` ([B, R], one step per row),
     compensating through ``hess`` [B, K, K] (positive definite: pass it through ``damped``).
 
-    Every row of batch b shares hess[b]. The last ``free`` columns are returned unrounded. Returns the
-    rounded values (float64, on the grid) in the original column order.
+    Every row of batch b shares hess[b]. Returns the rounded values (float64, on the grid) in the
+    original column order.
     """
     w = w.to(torch.float64)
     hess = hess.to(torch.float64)
     step = step.to(torch.float64)
     b, r, k = w.shape
-    n = k - free
-    if act_order:
-        order = torch.argsort(torch.diagonal(hess, dim1=-2, dim2=-1)[:, :n], dim=1, descending=True, stable=True)
-    else:
-        order = torch.arange(n).expand(b, n)
-    order = torch.cat([order, torch.arange(n, k).expand(b, free)], 1)
+    order = torch.argsort(torch.diagonal(hess, dim1=-2, dim2=-1), dim=1, descending=True, stable=True)
     cols = order[:, None, :].expand(b, r, k)
     work = torch.gather(w, 2, cols)
     h = torch.gather(torch.gather(hess, 1, order[:, :, None].expand(b, k, k)), 2, order[:, None, :].expand(b, k, k))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    for i in range(n):
+    for i in range(k):
         col = work[:, :, i]
         q = torch.clamp(torch.round(col / step), lo, hi) * step
         err = (col - q) / u[:, i, i, None]
