@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import shlex
 import sys
 import tempfile
 import time
@@ -124,6 +125,8 @@ def main(argv=None):
     cli_args = sys.argv[1:] if argv is None else list(argv)
     if args.methods and not args.lowbit:
         p.error("--methods picks --lowbit rows; add --lowbit")
+    if args.methods and not any(label.startswith(tuple(args.methods)) for label, *_ in LOWBIT_CONFIGS):
+        p.error(f"--methods {args.methods} matches no --lowbit row; rows: {[label for label, *_ in LOWBIT_CONFIGS]}")
     t_start = time.perf_counter()
     partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
                or args.ort_configs is not None)
@@ -220,7 +223,7 @@ def main(argv=None):
                 print(f"    ({time.perf_counter() - t0:.1f} s with evaluation)", flush=True)
 
     meta = {"date": dt.date.today().isoformat(),
-            "command": "make bench" if not cli_args else "python tools/bench_efficientnet.py " + " ".join(cli_args),
+            "command": "make bench" if not cli_args else "python tools/bench_efficientnet.py " + shlex.join(cli_args),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "calib_crops": len(calib_x), "eval_crops": len(eval_x), "eval_photos": len(set(eval_names[: len(eval_x)])),
             "calib_photos": len(set(calib_names[: len(calib_x)])), "notes": notes, "exact_crops": min(args.exact_crops, len(eval_x)),
@@ -254,6 +257,7 @@ def merged_rows(path: Path, new: list[dict], meta: dict) -> tuple[list[dict], di
     rows = [r for r in old["rows"] if (r["method"], r["bits"]) not in fresh] + new
     order = [label for label, *_ in LOWBIT_CONFIGS]
     rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+    meta = {k: v for k, v in meta.items() if k != "total_seconds"}     # no single run made the table
     meta = {**meta, "date": ", ".join(sorted({r["date"] for r in rows})),
             "command": "`; `".join(dict.fromkeys(r["command"] for r in rows)),
             "notes": old["meta"].get("notes", []) + meta.get("notes", [])}
