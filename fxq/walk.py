@@ -34,6 +34,24 @@ def is_nonnegative(node: fx.Node) -> bool:
     return False
 
 
+def weighted_consumers(node: fx.Node, through: frozenset) -> list[fx.Node] | None:
+    """The conv/linear layers that read ``node``'s value through ops of the kinds in ``through`` (ops a
+    positive factor commutes with, so the layers can absorb it); None if any path reaches anything else."""
+    found = []
+    for user in node.users:
+        kind = user.meta.get(meta.KIND)
+        if kind in meta.WEIGHTED and user.args[0] is node:
+            found.append(user)
+        elif kind in through:
+            below = weighted_consumers(user, through)
+            if below is None:
+                return None
+            found.extend(below)
+        else:
+            return None
+    return found or None
+
+
 def weighted_layers(gm: fx.GraphModule):
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:

@@ -31,26 +31,9 @@ import torch.fx as fx
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.formats import int_range
+from fxq.walk import weighted_consumers
 
 _SCALE_COMMUTING = frozenset({"flatten", "reshape", "maxpool", "pad", "avgpool"})
-
-
-def _consumers(node: fx.Node) -> list[fx.Node] | None:
-    """The conv/linear layers ``node``'s value reaches through scale-commuting ops; None if it reaches
-    anything else (another activation, an add, the output)."""
-    found = []
-    for user in node.users:
-        kind = user.meta.get(meta.KIND)
-        if kind in meta.WEIGHTED and user.args[0] is node:
-            found.append(user)
-        elif kind in _SCALE_COMMUTING:
-            below = _consumers(user)
-            if below is None:
-                return None
-            found.extend(below)
-        else:
-            return None
-    return found or None
 
 
 def clamp_scale(hi: float, bits: int, signed: bool) -> float:
@@ -72,7 +55,7 @@ def fit_clamp_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if node.meta.get(meta.KIND) != "clamp":
             continue
         x, lo, hi = node.args[:3]
-        producer, consumers = x, _consumers(node)
+        producer, consumers = x, weighted_consumers(node, _SCALE_COMMUTING)
         if (lo != 0 or not math.isfinite(hi) or hi <= 0 or consumers is None or len(producer.users) != 1
                 or producer.meta.get(meta.KIND) not in meta.WEIGHTED):
             continue

@@ -44,9 +44,6 @@ def fold_constant_scale(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModu
             raise UnsupportedOp(f"{describe_node(node)}: multiplication by the constant {c:g} has no conv/linear "
                                 f"above it to fold into (only reshape/permute/select/matmul in between, each used "
                                 f"once); a shift-only target cannot multiply. Fold the factor into a layer's weights")
-        if sum(n.target == layer.target for n in gm.graph.nodes if n.op == "call_module") > 1:
-            raise UnsupportedOp(f"{describe_node(node)}: the factor {c:g} would fold into {layer.target}, which "
-                                f"the model calls more than once")
         m = modules[layer.target]
         with torch.no_grad():
             m.weight.mul_(c)

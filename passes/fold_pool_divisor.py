@@ -20,19 +20,9 @@ import torch.nn.functional as F
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
+from fxq.walk import weighted_consumers
 
 _SCALE_COMMUTING = frozenset({"flatten", "reshape", "relu", "maxpool", "pad"})
-
-
-def _consumer(node: fx.Node) -> fx.Node | None:
-    while len(node.users) == 1:
-        (node,) = node.users
-        kind = node.meta.get(meta.KIND)
-        if kind in meta.WEIGHTED:
-            return node
-        if kind not in _SCALE_COMMUTING:
-            return None
-    return None
 
 
 def fold_pool_divisor(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -50,7 +40,8 @@ def fold_pool_divisor(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule
         area = kernel[0] * kernel[1]
         k = math.ceil(math.log2(area))
         if 2**k != area:
-            layer = _consumer(node)
+            layers = weighted_consumers(node, _SCALE_COMMUTING)
+            layer = layers[0] if layers is not None and len(layers) == 1 else None
             if layer is None:
                 raise UnsupportedOp(
                     f"{describe_node(node)}: this average pool divides by {kernel[0]}x{kernel[1]}={area}, which is "

@@ -148,3 +148,23 @@ def test_relu6_standalone_after_add_is_exact():
     qm = fxq.compile(M().eval(), X * 4, progress=False)
     assert any(n.op.value == "clamp_int" for n in qm.ir.nodes)
     assert_three_executors(qm, X * 4)
+
+
+class SharedLayer(nn.Module):
+    """One conv called twice: one weight format cannot serve two inputs of different formats (canonicalize
+    refuses it; before, the compile failed inside bias_correction)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.b(torch.clamp(self.a(x), 0, 6))
+        return self.fc(self.b(torch.relu(y)).mean((2, 3)))
+
+
+def test_a_layer_called_twice_is_refused_by_name():
+    with pytest.raises(UnsupportedOp, match=r"module 'b' is called 2 times \(nodes b, b_1\).*copy.deepcopy"):
+        fxq.compile(SharedLayer().eval(), X, "shift-int", progress=False)

@@ -125,8 +125,11 @@ def main(argv=None):
     cli_args = sys.argv[1:] if argv is None else list(argv)
     if args.methods and not args.lowbit:
         p.error("--methods picks --lowbit rows; add --lowbit")
-    if args.methods and not any(label.startswith(tuple(args.methods)) for label, *_ in LOWBIT_CONFIGS):
-        p.error(f"--methods {args.methods} matches no --lowbit row; rows: {[label for label, *_ in LOWBIT_CONFIGS]}")
+    configs = LOWBIT_CONFIGS if args.lowbit else FXQ_CONFIGS
+    if args.methods:
+        configs = [c for c in configs if c[0].startswith(tuple(args.methods))]
+        if not configs:
+            p.error(f"--methods {args.methods} matches no --lowbit row; rows: {[label for label, *_ in LOWBIT_CONFIGS]}")
     t_start = time.perf_counter()
     partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
                or args.ort_configs is not None)
@@ -159,9 +162,7 @@ def main(argv=None):
               f"{seconds:6.1f} s  exact {exact}", flush=True)
 
     calib_batches = list(calib_x.split(BATCH))
-    for label, target, bits, overrides in (LOWBIT_CONFIGS if args.lowbit else FXQ_CONFIGS):
-        if args.methods and not label.startswith(tuple(args.methods)):
-            continue
+    for label, target, bits, overrides in configs:
         if target not in fxq.targets():
             notes.append(f"{label}: skipped, target {target!r} is not registered in this fxq")
             print(f"  {label}: skipped (target {target!r} not registered)", flush=True)

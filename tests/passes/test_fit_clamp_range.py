@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import fxq
 from conftest import assert_three_executors, tiny
 from fxq import meta
-from fxq.errors import UnsupportedOp
 from fxq.fakequant import set_quantization
 from passes.fit_clamp_range import clamp_scale
 
@@ -71,25 +69,6 @@ def test_the_last_layers_input_takes_the_edge_bits():
     bounds = sorted(n.args[2] for n in _clamps(qm).values())
     assert bounds == pytest.approx([6.0, 7.5, 7.5, 255 / 32])
     assert_three_executors(qm, X[:8])
-
-
-class SharedLayer(nn.Module):
-    """One conv called twice: one weight format cannot serve two inputs of different formats."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(1, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        y = self.b(torch.clamp(self.a(x), 0, 6))
-        return self.fc(self.b(torch.relu(y)).mean((2, 3)))
-
-
-def test_a_layer_called_twice_is_refused_by_name():
-    with pytest.raises(UnsupportedOp, match=r"module 'b' is called 2 times \(nodes b, b_1\).*copy.deepcopy"):
-        fxq.compile(SharedLayer().eval(), X, "shift-int", progress=False, fit_clamps=True)
 
 
 def test_data_free_formats_see_the_scaled_bn_statistics():
