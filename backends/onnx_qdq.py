@@ -42,7 +42,8 @@ ONNX_INPUT = "input"
 ONNX_OUTPUT = "output"
 # How each IR code dtype travels in ONNX: (ONNX element type, numpy dtype, zero point).
 CARRIERS = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.INT8, np.int8, -128),
-            "int16": (TensorProto.INT16, np.int16, 0)}       # int16: twin-uniform fine codes
+            "int16": (TensorProto.INT16, np.int16, 0),        # twin-uniform fine codes, wide outputs
+            "uint16": (TensorProto.INT16, np.int16, -32768)}  # wide outputs after a ReLU
 INT16_MAX = 2**15 - 1
 FP32_EXACT_LIMIT = 2**FP32_EXACT_BITS
 ACT_CODE_SPAN = 255      # largest |code| an int8 kernel may see after re-biasing activations to u8

@@ -52,6 +52,10 @@ class Target:
     # Activations at the network's edges (its input codes, the last weighted layer's input and the
     # output logits) keep this many bits: low-bit methods leave the image and the logits at 8 bits.
     edge_a_bits: int | None = None
+    # The network's output codes (the logits). Nothing inside the network reads them, so wider codes cost
+    # no multiplier; at 8 bits EfficientNet-Lite1's logits round to steps of 2**-3, which by itself ties or
+    # flips 4.5% of its top-1s (README). None: ``edge_a_bits`` if set, else ``a_bits``.
+    out_bits: int | None = None
     # Weight codes use the whole signed range, -2**(b-1) included (2 bits: four levels -2..1, as RAPQ
     # and BRECQ count 2-bit weights); False keeps them symmetric (2 bits: ternary -1, 0, +1).
     w_full_range: bool = False
@@ -113,8 +117,10 @@ class Target:
                                   f"must be one of {TERNARY_THRESHOLDS}")
         if self.edge_w_bits is not None and (not isinstance(self.edge_w_bits, int) or not 2 <= self.edge_w_bits <= 16):
             raise TargetError(f"target {self.name!r}: edge_w_bits={self.edge_w_bits!r} must be None or an integer in 2..16")
-        if self.edge_a_bits is not None and (not isinstance(self.edge_a_bits, int) or not 2 <= self.edge_a_bits <= 16):
-            raise TargetError(f"target {self.name!r}: edge_a_bits={self.edge_a_bits!r} must be None or an integer in 2..16")
+        for fld in ("edge_a_bits", "out_bits"):
+            v = getattr(self, fld)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 16):
+                raise TargetError(f"target {self.name!r}: {fld}={v!r} must be None or an integer in 2..16")
         if self.scale_kind not in SCALE_KINDS:
             raise TargetError(f"target {self.name!r}: scale_kind={self.scale_kind!r} must be one of {SCALE_KINDS}")
         if self.requant not in REQUANT_KINDS:
@@ -234,7 +240,8 @@ class Target:
                 "rounding": self.rounding.value, "acc": self.acc_bits,
                 "first/last layers": ", ".join(filter(None, (
                     f"w{self.edge_w_bits} per channel" if self.edge_w_bits else "",
-                    f"a{self.edge_a_bits} in/out" if self.edge_a_bits else ""))) or "same",
+                    f"a{self.edge_a_bits} in/out" if self.edge_a_bits else "",
+                    f"out{self.out_bits}" if self.out_bits else ""))) or "same",
                 "shared residual scales": self.share_residual_scales,
                 "float islands": ",".join(sorted(self.float_islands)) or "-",
                 "twin uniform": ",".join(sorted(self.twin_uniform)) or "-",

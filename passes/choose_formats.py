@@ -15,7 +15,7 @@ records the scales' fractional length per filter.
 Reads: ``meta[OBSERVER]``, ``meta[ROLE]``, ``meta[KIND]``, the layers' weights, ``ctx.target``.
 Post-softmax and post-GELU activations take twin-uniform codes where ``twin_uniform`` lists them.
 Activations at the network's edges (input, the last layer's input, the output) take ``edge_a_bits``
-when the target sets it.
+when the target sets it; the output codes take ``out_bits`` when that is set.
 Writes: ``meta[ACT_FMT]`` (ActFormat) on qpoints and inputs, ``meta[W_FMT]`` (WeightFormat or
 ClusterFormat) on conv/linear, with the weight step widened where a bias code would not fit the
 accumulator (channels whose weights vanish after BN folding). Raises CalibrationError naming a qpoint that calibration never reached.
@@ -103,20 +103,24 @@ def weight_format(w: np.ndarray, t: Target):
     return WeightFormat(tuple(int(f) for f in frac), t.w_bits, full_range=t.w_full_range)
 
 
+def output_activations(gm: fx.GraphModule) -> set[str]:
+    """The qpoints whose codes the network returns: what ``out_bits`` widens."""
+    return {format_source(a).name for n in gm.graph.nodes if n.op == "output" for a in n.all_input_nodes}
+
+
 def edge_activations(gm: fx.GraphModule) -> set[str]:
     """The model input, the codes the last conv/linear reads and the output: what ``edge_a_bits`` widens."""
-    nodes = list(gm.graph.nodes)
-    edges = {n.name for n in nodes if n.meta.get(meta.KIND) == "input"}
+    edges = {n.name for n in gm.graph.nodes if n.meta.get(meta.KIND) == "input"} | output_activations(gm)
     layers = [n for n, _ in weighted_layers(gm)]
     if layers:
         edges.add(format_source(layers[-1].args[0]).name)
-    edges.update(format_source(a).name for n in nodes if n.op == "output" for a in n.all_input_nodes)
     return edges
 
 
 def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
     edges = edge_activations(gm) if t.edge_a_bits is not None else set()
+    outputs = output_activations(gm) if t.out_bits is not None else set()
     for node in gm.graph.nodes:
         obs = node.meta.get(meta.OBSERVER)
         if obs is None:
@@ -125,10 +129,15 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             raise CalibrationError(f"{describe_node(node)} saw no values during calibration")
         if node.meta[meta.KIND] in t.twin_uniform:
             node.meta[meta.ACT_FMT] = twin_format(obs, node.meta[meta.KIND], t)
+            if node.name in outputs | edges:
+                ctx.note(f"{node.name}: the network returns twin-uniform {t.a_bits}-bit codes here; "
+                         f"edge_a_bits/out_bits do not widen twin codes")
             continue
         fmt = activation_format(node, t)
         if node.name in edges:
             fmt = replace(fmt, bits=t.edge_a_bits)
+        if node.name in outputs:
+            fmt = replace(fmt, bits=t.out_bits)
         node.meta[meta.ACT_FMT] = _activation_scale(obs, fmt, t)
     layers = list(weighted_layers(gm))
     edge_target = None if t.edge_w_bits is None else replace(t, w_bits=t.edge_w_bits, w_granularity="channel",

