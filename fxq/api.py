@@ -59,7 +59,10 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     closer to the float model's), None/False, or "auto"/True: "weights", and "checked" with
     ``reconstruct`` (whose learned rounding "weights" would undo); it needs calibration data.
     ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
-    (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all).
+    (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all);
+    ``search="hessian-activations"``: activation steps only, the weights keep choose_formats' steps (the
+    better partner of ``reconstruct="gptq"``, whose rounding does not want steps chosen for rounding to
+    nearest).
     ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
     power-of-two weight exponents and activation steps), "adaround" (rounding only), "gptq" (each layer's
     rounding in closed form against its inputs' second moments, passes/reconstruct_gptq), or a dict /
@@ -179,9 +182,11 @@ class QuantizedModel:
         check_input_spec(self.ir, tuple(x.shape), dtype)
 
     # -- inspection and export ---------------------------------------------------------------------
-    def report(self, x: torch.Tensor | None = None):
+    def report(self, x: torch.Tensor | None = None, sensitivity: bool = False, progress: bool = True):
+        """Per quantization point: formats, shifts, SQNR against float on ``x``; with ``sensitivity`` also the
+        output SQNR with only that point (its codes, its layer's weights) quantized: one forward pass each."""
         from .report import build_report
-        return build_report(self, x)
+        return build_report(self, x, sensitivity, progress)
 
     def export_onnx(self, path, **kwargs):
         from .backends.onnx_qdq import export

@@ -48,7 +48,8 @@ _bias_correction_option = click.option(
 
 _search_option = click.option(
     "--search", type=click.Choice([*SEARCH_MODES, "off"]), default="off", show_default=True,
-    help="Re-choose steps by the task-loss-weighted (Hessian-guided) error.")
+    help="Re-choose steps by the task-loss-weighted (Hessian-guided) error; hessian-activations: activation "
+         "steps only (with --reconstruct gptq).")
 
 
 _reconstruct_options = [
@@ -200,9 +201,11 @@ def export(path, output):
 @click.option("--calib", default=512, show_default=True, help="Calibration images (zoo models).")
 @click.option("--samples", default=256, show_default=True, help="Held-out images SQNR is measured on.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Also write a per-layer SQNR chart (PNG; needs matplotlib).")
+@click.option("--sensitivity", is_flag=True, help="Also the output SQNR with only one row's codes (or its layer's "
+              "weights) quantized: which quantizer limits the output (one forward pass per quantizer).")
 @_bias_correction_option
 @click.option("--quiet", is_flag=True)
-def report(source, target, overrides, calib, samples, plot, bias_correction, quiet):
+def report(source, target, overrides, calib, samples, plot, sensitivity, bias_correction, quiet):
     """Per-layer formats, shifts, multiplications replaced and SQNR.
 
     SOURCE is a saved .fxq model (formats and shifts only: the float model is not in the file) or a zoo
@@ -213,8 +216,11 @@ def report(source, target, overrides, calib, samples, plot, bias_correction, qui
         calib_x, test_x, _, _ = _fmnist_split(calib, 0)
         qm = fxq.compile(zoo.load(source), calib_x, target=target, progress=not quiet,
                          bias_correction=_bc(bias_correction), **_parse_overrides(overrides))
-        rep = qm.report(test_x[:samples])
+        rep = qm.report(test_x[:samples], sensitivity=sensitivity, progress=not quiet)
     elif Path(source).is_file():
+        if sensitivity:
+            raise click.BadParameter("--sensitivity runs the model in float and quantized, and a saved .fxq file "
+                                     "holds only the integer graph: pass a zoo model name", param_hint="SOURCE")
         rep = fxq.load(source).report()
     else:
         raise click.BadParameter(f"{source!r} is neither a saved .fxq file nor a zoo model {zoo.names()}")

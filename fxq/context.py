@@ -15,7 +15,9 @@ BIAS_CORRECTION_MODES = ("weights", "empirical", "checked")
 # purpose (it compensates the error arriving from upstream) and which "weights" would therefore undo.
 BIAS_CORRECTION_AUTO = {"plain": "weights", "reconstructed": "checked"}
 # How hessian_search scores a candidate step: squared error weighted by the squared task-loss gradient.
-SEARCH_MODES = ("hessian",)
+# "hessian-activations" leaves the weight steps to choose_formats: a search for round-to-nearest steps
+# works against reconstruct="gptq", which rounds with error feedback (README: EfficientNet-Lite1).
+SEARCH_MODES = ("hessian", "hessian-activations")
 
 
 # What reconstruct learns: rounding + power-of-two steps (RAPQ), or the rounding only (AdaRound).

@@ -9,7 +9,8 @@ samples gives every gradient at once.
 - Activations: T is the qpoint's value; candidates are the fractional lengths within
   ``target.search_radius`` of choose_formats' choice. Members of a share_scales group are scored
   together and take one step.
-- Weights: T is the layer's output (the accumulator) computed from the *quantized* input in its new
+- Weights (mode "hessian"; "hessian-activations" keeps choose_formats' weight steps, for weight rounding
+  that corrects its own error, reconstruct="gptq"): T is the layer's output (the accumulator) computed from the *quantized* input in its new
   format, so activations are searched first and the weight search sees their rounding. The error of
   output channel c depends only on channel c's step, so one conv per candidate offset scores every
   channel; each channel keeps its best. The bias-code cap of choose_formats still applies.
@@ -175,7 +176,8 @@ def hessian_search(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     set_quantization(gm, False)
     try:
         acts = _search_activations(gm, ctx, modules, x) if t.scale_kind != "dyadic" else 0
-        weights = _search_weights(gm, ctx, modules, x) if t.scale_kind != "dyadic" else 0
+        search_weights = t.scale_kind != "dyadic" and ctx.search == "hessian"
+        weights = _search_weights(gm, ctx, modules, x) if search_weights else 0
     finally:
         set_quantization(gm, True)
     sync_weight_meta(gm)
@@ -183,6 +185,7 @@ def hessian_search(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ctx.note("hessian search: dyadic (int8) scales are kept as choose_formats chose them")
     if any(isinstance(m, _QWeighted) and m.clustered for m in modules.values()):
         ctx.note("hessian search: cluster weight scales are kept (fxq.clusters' L2 choice)")
+    kept = " (weight steps kept: search='hessian-activations')" if ctx.search == "hessian-activations" else ""
     ctx.note(f"hessian search: {acts} activation step(s) and {weights} weight channel step(s) changed, "
-             f"on {x.shape[0]} calibration samples")
+             f"on {x.shape[0]} calibration samples{kept}")
     return gm

@@ -59,6 +59,15 @@ def test_report_compiles_a_zoo_model_and_plots(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_report_sensitivity_of_a_zoo_model_and_its_refusal_for_a_file(saved):
+    r = CliRunner().invoke(main, ["report", "resnet", "--calib", "32", "--samples", "8", "--sensitivity", "--quiet"])
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.output.splitlines() if line.startswith("layer"))
+    assert "act alone dB" in header and "w alone dB" in header
+    r = CliRunner().invoke(main, ["report", str(saved), "--sensitivity"])
+    assert r.exit_code != 0 and "--sensitivity runs the model" in r.output
+
+
 def test_report_of_unknown_source_is_a_usage_error():
     r = CliRunner().invoke(main, ["report", "no-such-model"])
     assert r.exit_code != 0 and "neither a saved .fxq file nor a zoo model" in r.output

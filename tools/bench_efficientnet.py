@@ -76,6 +76,10 @@ LOWBIT_CONFIGS = [
     # 2026-12-02: the logits in 16-bit codes (out_bits); every activation inside the network keeps 8 (4) bits.
     ("fxq shift-int + clamp fit + Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int", "W8A8",
      {"fit_clamps": True, "search": "hessian", "bias_correction": "weights", "reconstruct": "gptq", "out_bits": 16}),
+    # The Hessian search re-chooses only the activation steps; GPTQ rounds the weights on choose_formats' steps.
+    ("fxq shift-int + clamp fit + activation Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int",
+     "W8A8", {"fit_clamps": True, "search": "hessian-activations", "bias_correction": "weights",
+              "reconstruct": "gptq", "out_bits": 16}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
@@ -89,6 +93,9 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int W4A4 + clamp fit + Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian", "bias_correction": "weights",
       "reconstruct": "gptq", "out_bits": 16}),
+    ("fxq shift-int W4A4 + clamp fit + activation Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int",
+     "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations",
+              "bias_correction": "weights", "reconstruct": "gptq", "out_bits": 16}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration

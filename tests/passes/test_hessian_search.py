@@ -70,6 +70,20 @@ def test_steps_move_within_the_radius_and_stay_exact(images, target, overrides):
     assert_three_executors(after, images)
 
 
+def test_activations_mode_keeps_every_weight_step(images):
+    model = tiny("residual")
+    kw = dict(progress=False, bias_correction=None, w_bits=4, a_bits=4)
+    plain = fxq.compile(model, images, "shift-int", **kw)
+    full = fxq.compile(model, images, "shift-int", search="hessian", **kw)
+    acts = fxq.compile(model, images, "shift-int", search="hessian-activations", **kw)
+    w = lambda qm: {n: m.w_fmt.frac for n, m in qm.fake.named_modules() if isinstance(m, _QWeighted)}
+    a = lambda qm: {n: m.fmt.frac for n, m in qm.fake.named_modules() if isinstance(m, FakeQuant)}
+    assert w(acts) == w(plain) and w(full) != w(plain)       # the full search does move weights here
+    assert a(acts) == a(full)                                 # the activation search is the same
+    assert any("weight steps kept" in n and "0 weight channel step(s)" in n for n in acts.notes)
+    assert_three_executors(acts, images)
+
+
 def test_shared_residual_steps_stay_shared(images):
     qm = fxq.compile(tiny("residual"), images, "shift-int", progress=False, search="hessian", w_bits=4, a_bits=4)
     groups = {}
