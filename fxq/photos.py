@@ -204,11 +204,12 @@ def _load_rgb(path: Path):
     return img.convert("RGB")  # drops the (almost everywhere opaque) alpha of the PNGs
 
 
-def _crops_of(name: str, path: Path, size: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def _crops_of(name: str, path: Path, size: int, first: int = 0,
+              per_photo: int = CROPS_PER_PHOTO) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     from PIL import Image
 
     img = _load_rgb(path)
-    boxes = crop_boxes(name, *img.size)
+    boxes = crop_boxes(name, *img.size, n=per_photo)[first:]
     crops = []
     for left, top, side in boxes:
         region = img.crop((left, top, left + side, top + side))
@@ -274,6 +275,20 @@ def photo_crops(split: str, size: int = efficientnet_lite.INPUT_SIZE) -> tuple[t
     crops, names = photo_crops_uint8(split, size)
     x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
     return efficientnet_lite.normalize(x), names
+
+
+def more_photo_crops(split: str, per_photo: int, size: int = efficientnet_lite.INPUT_SIZE) -> torch.Tensor:
+    """Crops ``CROPS_PER_PHOTO .. per_photo - 1`` of every photo of ``split`` (random boxes, as
+    ``crop_boxes`` continues them), normalised like ``photo_crops``: a second look at the same photos
+    with crops no calibration or evaluation choice has seen. Decoded on each call, not cached."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if per_photo <= CROPS_PER_PHOTO:
+        raise ValueError(f"per_photo={per_photo} must exceed CROPS_PER_PHOTO={CROPS_PER_PHOTO}")
+    crops = [_crops_of(name, path, size, CROPS_PER_PHOTO, per_photo)[0]
+             for name, path in photo_sources() if split_of(name) == split]
+    x = torch.from_numpy(np.ascontiguousarray(np.concatenate(crops))).permute(0, 3, 1, 2)
+    return efficientnet_lite.normalize(x)
 
 
 def pip_photo_crops(split: str, size: int = efficientnet_lite.INPUT_SIZE,

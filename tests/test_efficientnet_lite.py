@@ -131,6 +131,17 @@ def test_photo_crop_boxes_are_deterministic_and_inside():
             assert 0 <= left and left + side <= w and 0 <= top and top + side <= h and side > 0
 
 
+def test_more_crops_continue_the_same_boxes():
+    """more_photo_crops cuts boxes 8.. of the sequence whose first 8 are the cached crops: new crops only."""
+    from fxq import photos
+
+    more = photos.crop_boxes("x/y.jpg", 640, 427, n=24)
+    assert more[: photos.CROPS_PER_PHOTO] == photos.crop_boxes("x/y.jpg", 640, 427)
+    assert len(set(more)) == 24
+    with pytest.raises(ValueError, match="must exceed CROPS_PER_PHOTO"):
+        photos.more_photo_crops("eval", photos.CROPS_PER_PHOTO)
+
+
 def test_photo_splits_are_disjoint():
     from fxq import photos
 
