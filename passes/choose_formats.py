@@ -130,7 +130,7 @@ def choose_formats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if node.meta[meta.KIND] in t.twin_uniform:
             node.meta[meta.ACT_FMT] = twin_format(obs, node.meta[meta.KIND], t)
             if node.name in outputs | edges:
-                ctx.note(f"{node.name}: the network returns twin-uniform {t.a_bits}-bit codes here; "
+                ctx.note(f"{node.name}: twin-uniform {t.a_bits}-bit codes at a network edge; "
                          f"edge_a_bits/out_bits do not widen twin codes")
             continue
         fmt = activation_format(node, t)

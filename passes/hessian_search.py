@@ -10,8 +10,9 @@ samples gives every gradient at once.
   ``target.search_radius`` of choose_formats' choice. Members of a share_scales group are scored
   together and take one step.
 - Weights (mode "hessian"; "hessian-activations" keeps choose_formats' weight steps, for weight rounding
-  that corrects its own error, reconstruct="gptq"): T is the layer's output (the accumulator) computed from the *quantized* input in its new
-  format, so activations are searched first and the weight search sees their rounding. The error of
+  that corrects its own error, reconstruct="gptq"): T is the layer's output (the accumulator) computed
+  from the *quantized* input in its new format, so activations are searched first and the weight
+  search sees their rounding. The error of
   output channel c depends only on channel c's step, so one conv per candidate offset scores every
   channel; each channel keeps its best. The bias-code cap of choose_formats still applies.
 

@@ -129,8 +129,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2,
                    help="torch and ORT threads (1 is far faster when another process is busy on the cores)")
     p.add_argument("--more-crops", type=int, default=MORE_CROPS_PER_PHOTO, metavar="N",
-                   help="also score every fxq row on crops 8..N-1 of each evaluation photo, which no choice of "
-                        "method or option looked at (0: skip)")
+                   help=f"also score every fxq row on crops {photos.CROPS_PER_PHOTO}..N-1 of each evaluation photo, "
+                        "which no choice of method or option looked at (0: skip)")
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--no-readme", action="store_true", help="never write README.md (partial runs never do)")
     p.add_argument("--lowbit", action="store_true", help="run the Hessian-search/reconstruction rows instead of "
