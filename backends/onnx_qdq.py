@@ -541,7 +541,7 @@ def export(g: Graph, path, allow_inexact: bool = False, debug_outputs: bool = Fa
 
 def output_codes(g: Graph, onnx_output: np.ndarray) -> np.ndarray:
     """Codes of ORT's float output: exact, because the output is (code - zp) * 2**-frac in float32."""
-    t = g.types()[g.node(g.output).inputs[0]]
+    t = g.output_codes().out
     return codes_of(onnx_output, t.frac, t.mant, t.zp)
 
 

@@ -355,7 +355,7 @@ def execute(g: Graph, x: np.ndarray, keep: bool = False) -> dict[str, np.ndarray
         kernel = OPS[node.op]
         extra = {"t": types[node.inputs[0]]} if kernel.reads_input_type else {}
         env[node.name] = kernel.run(node, *xs, **extra)
-    return env if keep else {g.output: env[g.output], "codes": env[g.node(g.output).inputs[0]]}
+    return env if keep else {g.output: env[g.output], "codes": env[g.output_codes().name]}
 
 
 def run(g: Graph, x: np.ndarray) -> np.ndarray:

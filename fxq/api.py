@@ -164,7 +164,7 @@ class QuantizedModel:
             self._fake64 = copy.deepcopy(self.fake).double()
         with torch.no_grad():
             out = self._fake64(model_input(x, torch.float64)).numpy()
-        t = self.ir.types()[self.ir.node(self.ir.output).inputs[0]]
+        t = self.ir.output_codes().out
         return codes_of(out, t.frac, t.mant, t.zp)
 
     def run(self, x) -> np.ndarray:

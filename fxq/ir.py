@@ -210,6 +210,11 @@ class Graph:
                 return n
         raise KeyError(f"no IR node named {name!r}")
 
+    def output_codes(self) -> Node:
+        """The node whose codes the graph dequantizes into its float output (verify: the output is a
+        float32 dequantize of codes)."""
+        return self.node(self.node(self.output).inputs[0])
+
     def types(self) -> dict[str, TensorType]:
         t = {self.input_name: self.input_type}
         t.update({n.name: n.out for n in self.nodes})

@@ -131,6 +131,11 @@ class WeightFormat(_SymmetricCodes):
     def range(self) -> IntRange:
         return weight_range(self.bits, self.full_range)
 
+    @property
+    def step(self) -> np.ndarray:
+        """mant * 2**-frac per output channel (float64, exact)."""
+        return step_of(self.frac_array, self.mant_array)
+
 
 @dataclass(frozen=True)
 class ClusterFormat(_SymmetricCodes):

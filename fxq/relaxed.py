@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
-from .formats import int_range, mse_step, quantize_np, round_torch, step_of
+from .formats import int_range, mse_step, quantize_np, round_torch
 
 ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 # A channel's relaxed exponent starts this far from its hard choice, on the side of the power-of-two
@@ -79,8 +79,7 @@ class SoftLayer(nn.Module):
             h0 = np.where(_coarser_is_better(rows, e0, rng), 1.0 - EXP_INIT_MARGIN, EXP_INIT_MARGIN)
             self.s = nn.Parameter(inverse_rectified_sigmoid(torch.from_numpy(h0).float().reshape(shape)))
         else:                     # the step choose_formats (or hessian_search) gave it, exactly
-            self.register_buffer("fixed_step", torch.from_numpy(
-                step_of(layer.w_fmt.frac_array, layer.w_fmt.mant_array)).float().reshape(shape))
+            self.register_buffer("fixed_step", torch.from_numpy(layer.w_fmt.step).float().reshape(shape))
             self.s = None
         self.hard_exponent = not learn_exponent
         step = self.step()

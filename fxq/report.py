@@ -221,7 +221,7 @@ def build_report(qm, x: torch.Tensor | None, sensitivity: bool = False, progress
         rows.append({"layer": n.name, "op": _producer(g, n), "weights": _weights_text(g, n),
                      "activation": _activation_text(n),
                      "shift": _shift_text(n) if "shift" in n.attrs else "-", "mult->acc": replaced,
-                     "float": "f64" if n.op is Op.FLOAT_ISLAND else "-", "SQNR dB": f"{sqnr[src]:.1f}" if src in sqnr else "-"})
+                     "float": "f64" if n.op is Op.FLOAT_ISLAND else "-", "SQNR dB": _db(sqnr.get(src))})
         if alone is not None:
             layer = acc.name if acc is not None and acc.op in WEIGHTED_OPS else None
             rows[-1]["act alone dB"] = _db(alone.get(src))

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
-from fxq.formats import step_of
 from fxq.obq import damped, obq_round
 
 _UNFOLD_ELEMENTS = 2**24        # unfolded patches per piece of a batch, to bound memory
@@ -88,10 +87,9 @@ def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float) -> None:
     g = hess.shape[0]
     rows = w.reshape(g, w.shape[0] // g, -1)
     fmt = layer.w_fmt
-    step = torch.from_numpy(step_of(fmt.frac_array, fmt.mant_array)).double()
-    step = step.expand(w.shape[0]) if step.numel() == 1 else step
+    step = torch.from_numpy(fmt.step).reshape(g, -1)          # one step per output channel
     rng = fmt.range
-    q = obq_round(rows, damped(hess, damp), step.reshape(g, -1), rng.lo, rng.hi)
+    q = obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi)
     layer.weight_q.copy_(q.reshape(w.shape).to(layer.weight_q.dtype))
 
 

@@ -18,26 +18,20 @@ def _net(last_relu: bool) -> nn.Module:
     return nn.Sequential(*layers, *([nn.ReLU()] if last_relu else [])).eval()
 
 
-def _output_node(qm):
-    """The node whose codes the graph dequantizes into its float output."""
-    last = qm.ir.node(qm.ir.output)
-    return qm.ir.node(last.inputs[0]) if last.out.dtype.startswith("float") else last
-
-
 @pytest.mark.parametrize("last_relu, dtype", [(False, "int16"), (True, "uint16")])
 def test_output_codes_widen_and_stay_exact(images, last_relu, dtype):
     model = _net(last_relu)
     narrow = fxq.compile(model, images[:16], progress=False)
     wide = fxq.compile(model, images[:16], out_bits=16, progress=False)
-    assert _output_node(narrow).out.dtype == dtype.replace("16", "8")
-    assert _output_node(wide).out.dtype == dtype
+    assert narrow.ir.output_codes().out.dtype == dtype.replace("16", "8")
+    assert wide.ir.output_codes().out.dtype == dtype
     # only the output moved: every other quantization point keeps its dtype and fractional length
     before = {n.name: (n.out.dtype, n.out.frac) for n in narrow.ir.nodes if n.op is Op.REQUANT}
     after = {n.name: (n.out.dtype, n.out.frac) for n in wide.ir.nodes if n.op is Op.REQUANT}
-    out = _output_node(wide).name
+    out = wide.ir.output_codes().name
     assert {k: v for k, v in before.items() if k != out} == {k: v for k, v in after.items() if k != out}
     # 8 more bits over the same range: the step is 2**8 finer
-    assert _output_node(wide).out.frac == _output_node(narrow).out.frac + 8
+    assert wide.ir.output_codes().out.frac == narrow.ir.output_codes().out.frac + 8
     assert_three_executors(wide, images)
     with torch.no_grad():
         ref = model(images).numpy()
@@ -47,7 +41,7 @@ def test_output_codes_widen_and_stay_exact(images, last_relu, dtype):
 
 def test_out_bits_overrides_edge_bits(images):
     qm = fxq.compile(_net(False), images[:16], a_bits=4, edge_a_bits=8, out_bits=12, progress=False)
-    assert _output_node(qm).out.dtype == "int16"
+    assert qm.ir.output_codes().out.dtype == "int16"
     quantize = next(n for n in qm.ir.nodes if n.op is Op.QUANTIZE)
     assert quantize.out.dtype == "int8"              # the input keeps edge_a_bits
 
@@ -63,5 +57,5 @@ def test_twin_uniform_output_keeps_its_codes_and_says_so(images):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10), nn.Softmax(dim=-1)).eval()
     qm = fxq.compile(model, images[:16], out_bits=16, progress=False)
-    assert _output_node(qm).op is Op.TWIN_EXPAND          # twin codes, expanded to one fine step at the end
+    assert qm.ir.output_codes().op is Op.TWIN_EXPAND          # twin codes, expanded to one fine step at the end
     assert any("do not widen twin codes" in n for n in qm.notes)

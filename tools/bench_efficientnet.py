@@ -33,7 +33,7 @@ import fxq  # noqa: E402
 from fxq import photos  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
-from fxq.formats import codes_of  # noqa: E402
+from fxq.formats import IntRange, Rounding, quantize_np  # noqa: E402
 from fxq.zoo import efficientnet_lite  # noqa: E402
 from bench import write_readme_block  # noqa: E402
 
@@ -282,10 +282,8 @@ def main(argv=None):
 def output_rounded(qm, logits: np.ndarray) -> np.ndarray:
     """``logits`` rounded to the codes qm's graph returns (its output's step, zero point and range): how much
     top-1 agreement the output codes alone leave, whatever happens inside the network."""
-    g = qm.ir
-    last = g.node(g.output)
-    t = g.node(last.inputs[0]).out if last.out.frac is None else last.out
-    codes = np.clip(codes_of(logits, t.frac, t.mant, t.zp), t.lo, t.hi)
+    t = qm.ir.output_codes().out
+    codes = quantize_np(logits, t.frac, IntRange(t.lo, t.hi), Rounding(qm.ir.target["rounding"]), t.mant, t.zp)
     return (codes - t.zp).astype(np.float64)
 
 
