@@ -56,8 +56,9 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     ``bias_correction``: once formats are fixed, cancel each conv/linear's mean output error on
     ``bias_correction_samples`` calibration samples (0: all): "weights" (its own rounding error),
     "empirical" (also the error from upstream), "checked" (empirical, kept only if the output gets
-    closer to the float model's), None/False, or "auto"/True: "weights", and "checked" with
-    ``reconstruct`` (whose learned rounding "weights" would undo); it needs calibration data.
+    closer to the float model's), None/False, or "auto"/True: "weights", "checked" with ``reconstruct``
+    (whose learned rounding "weights" would undo), none with ``reconstruct={"mode": "gptq", "inputs":
+    "quantized"}`` (which solves the biases); it needs calibration data.
     ``search="hessian"``: re-choose every power-of-two/fixed-point step by the task-loss-weighted error
     (PTQ4ViT's Hessian-guided metric) on ``search_samples`` calibration samples (0: all);
     ``search="hessian-activations"``: activation steps only, the weights keep choose_formats' steps (the
@@ -65,7 +66,8 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     nearest).
     ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
     power-of-two weight exponents and activation steps), "adaround" (rounding only), "gptq" (each layer's
-    rounding in closed form against its inputs' second moments, passes/reconstruct_gptq), or a dict /
+    rounding in closed form against its inputs' second moments, passes/reconstruct_gptq; with option
+    ``inputs="quantized"`` fitted on the quantized model's inputs, the bias with it), or a dict /
     fxq.ReconstructOptions of its options (iters, time_budget, qdrop, ...).
     """
     from .passes import PIPELINE
@@ -74,7 +76,7 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
 
     tgt = get_target(target, **overrides)
     reconstruct = ReconstructOptions.from_user(reconstruct)
-    bias_correction = _bias_correction_mode(bias_correction, reconstruct is not None)
+    bias_correction = _bias_correction_mode(bias_correction, reconstruct)
     if not isinstance(bias_correction_samples, int) or isinstance(bias_correction_samples, bool) \
             or bias_correction_samples < 0:
         raise CalibrationError(f"bias_correction_samples={bias_correction_samples!r} must be an integer >= 0 "
@@ -122,11 +124,13 @@ def _search_mode(mode, samples, calib_data) -> str | None:
     return mode
 
 
-def _bias_correction_mode(mode, reconstructed: bool) -> str | None:
+def _bias_correction_mode(mode, reconstruct: ReconstructOptions | None) -> str | None:
     if mode is None or mode is False:
         return None
     if mode is True or mode == "auto":
-        return BIAS_CORRECTION_AUTO["reconstructed" if reconstructed else "plain"]
+        if reconstruct is None:
+            return BIAS_CORRECTION_AUTO["plain"]
+        return BIAS_CORRECTION_AUTO["bias solved" if reconstruct.solves_bias else "reconstructed"]
     if mode not in BIAS_CORRECTION_MODES:
         raise CalibrationError(f"bias_correction={mode!r} must be one of {BIAS_CORRECTION_MODES}, \"auto\"/True "
                                f"(the default: {BIAS_CORRECTION_AUTO['plain']!r}, {BIAS_CORRECTION_AUTO['reconstructed']!r} "

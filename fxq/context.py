@@ -12,8 +12,9 @@ from .targets import Target
 # the float model, kept only if the network's output gets closer to the float model's ("checked").
 BIAS_CORRECTION_MODES = ("weights", "empirical", "checked")
 # compile()'s default: "weights" alone; "checked" after reconstruct, whose learned rounding is biased on
-# purpose (it compensates the error arriving from upstream) and which "weights" would therefore undo.
-BIAS_CORRECTION_AUTO = {"plain": "weights", "reconstructed": "checked"}
+# purpose (it compensates the error arriving from upstream) and which "weights" would therefore undo;
+# none after reconstruct mode "gptq" on quantized inputs, which solves each bias with its weights.
+BIAS_CORRECTION_AUTO = {"plain": "weights", "reconstructed": "checked", "bias solved": None}
 # How hessian_search scores a candidate step: squared error weighted by the squared task-loss gradient.
 # "hessian-activations" leaves the weight steps to choose_formats: a search for round-to-nearest steps
 # works against reconstruct="gptq", which rounds with error feedback (README: EfficientNet-Lite1).
@@ -22,6 +23,10 @@ SEARCH_MODES = ("hessian", "hessian-activations")
 
 # What reconstruct learns: rounding + power-of-two steps (RAPQ), or the rounding only (AdaRound).
 RECONSTRUCT_MODES = ("rapq", "adaround", "gptq")
+# Mode "gptq": the inputs a layer's rounding is fitted on. "float": the float model's (GPTQ); "quantized":
+# the quantized model's, upstream layers already rounded, against the float layer's output on the float
+# inputs, the bias solved with the weights (passes/reconstruct_gptq).
+GPTQ_INPUTS = ("float", "quantized")
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,21 @@ class ReconstructOptions:
     chain_layers: int = 3
     # mode "gptq": H + damp * mean(diag H) * I, GPTQ's 1%: invertible where an input never varies
     damp: float = 0.01
+    inputs: str = "float"             # mode "gptq": one of GPTQ_INPUTS
+
+    @property
+    def solves_bias(self) -> bool:
+        return self.mode == "gptq" and self.inputs == "quantized"
 
     def __post_init__(self):
         def bad(name, why):
             raise CalibrationError(f"reconstruct option {name}={getattr(self, name)!r} {why}")
         if self.mode not in RECONSTRUCT_MODES:
             bad("mode", f"must be one of {RECONSTRUCT_MODES}")
+        if self.inputs not in GPTQ_INPUTS:
+            bad("inputs", f"must be one of {GPTQ_INPUTS}")
+        if self.inputs != "float" and self.mode != "gptq":
+            bad("inputs", f"applies to mode 'gptq' only (mode is {self.mode!r})")
         if not isinstance(self.act_search, int) or isinstance(self.act_search, bool) or not 0 <= self.act_search <= 4:
             bad("act_search", "must be an integer in 0..4")
         for name in ("iters", "batch", "chain_layers"):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .clusters import ClusterCodes, quantize_clusters
-from .formats import ACC_RANGE, IntRange, Rounding, fake_quant, fake_twin, int_range, round_torch
+from .formats import (ACC_RANGE, IntRange, Rounding, fake_quant, fake_twin, int_range, max_bias_code, round_torch,
+                      step_of)
 from .qtypes import ActFormat, ClusterFormat, WeightFormat
 
 
@@ -172,6 +173,11 @@ class _QWeighted(nn.Module):
         if self.in_mant == 1 and self.w_fmt.mant_array.max() == 1:
             return fake_quant(b, frac, ACC_RANGE, self.rounding)
         return fake_quant(b, frac, ACC_RANGE, self.rounding, mant=(self.w_mant * self.in_mant).to(b.dtype))
+
+    def bias_room(self, acc_bits: int) -> torch.Tensor:
+        """Largest |bias| per channel whose code stays within the headroom choose_formats keeps."""
+        step = step_of(self.bias_frac.numpy(), self.acc_mant)
+        return torch.from_numpy(max_bias_code(acc_bits) * step).to(self.bias_q.dtype)
 
     @property
     def bias_frac(self) -> torch.Tensor:

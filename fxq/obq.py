@@ -15,10 +15,13 @@ import torch
 
 def damped(hess: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I over a batch [B, K, K]: invertible even where an input never varies
-    (dead channels, zero padding) and less eager to trust directions seen on few samples."""
+    (dead channels, zero padding) and less eager to trust directions seen on few samples. Where H is 0
+    (a centred H of inputs that never vary at all) the level is 1: every direction is as unseen as any
+    other, and the rounding falls back to nearest."""
     k = hess.shape[-1]
     diag = torch.diagonal(hess, dim1=-2, dim2=-1)
-    level = diag.mean(-1).clamp(min=torch.finfo(hess.dtype).tiny)
+    level = diag.mean(-1)
+    level = torch.where(level > 0, level, torch.ones_like(level))
     return hess + damp * level[..., None, None] * torch.eye(k, dtype=hess.dtype, device=hess.device)
 
 

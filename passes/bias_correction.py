@@ -33,66 +33,20 @@ Requires: insert_fake_quant.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.fx as fx
-from torch.fx.node import map_arg
 from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
-from fxq.fakequant import FakeQuant, IntNonlinear, QAdd, _QWeighted, set_quantization
-from fxq.formats import max_bias_code, step_of
+from fxq.fakequant import _QWeighted, set_quantization
+from fxq.stepwise import CHUNK, drop_dead, last_uses, run_node
 
-_CHUNK = 32          # samples per module call, to bound the temporaries of one node
 _CHECK_SAMPLES = 1024    # at most this many calibration samples judge a "checked" correction
-
-
-@contextlib.contextmanager
-def _float(module: torch.nn.Module):
-    """The same module computing in float (fake-quant modules only; others are unchanged)."""
-    if not isinstance(module, (FakeQuant, QAdd, _QWeighted, IntNonlinear)):
-        yield module
-        return
-    module.enabled = False
-    try:
-        yield module
-    finally:
-        module.enabled = True
-
-
-def _call(fn, args: tuple, kwargs: dict):
-    """``fn`` over the samples in chunks when it takes one tensor, else in one call."""
-    if len(args) == 1 and isinstance(args[0], torch.Tensor) and not kwargs and args[0].shape[0] > _CHUNK:
-        return torch.cat([fn(a) for a in args[0].split(_CHUNK)])
-    return fn(*args, **kwargs)
-
-
-def _run(node: fx.Node, gm: fx.GraphModule, modules: dict, env: dict, as_float: bool = False):
-    args = map_arg(node.args, lambda a: env[a.name])
-    kwargs = map_arg(node.kwargs, lambda a: env[a.name])
-    if node.op == "call_module":
-        m = modules[node.target]
-        if as_float:
-            with _float(m):
-                return _call(m, args, kwargs)
-        return _call(m, args, kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return getattr(gm, node.target)                      # get_attr
-
-
-def _headroom(layer: _QWeighted, acc_bits: int) -> torch.Tensor:
-    """Largest |bias| per channel whose code stays within the headroom choose_formats keeps."""
-    step = step_of(layer.bias_frac.numpy(), layer.acc_mant)
-    return torch.from_numpy(max_bias_code(acc_bits) * step).to(layer.bias_q.dtype)
 
 
 def _outputs(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([gm(c) for c in x.split(_CHUNK)])
+        return torch.cat([gm(c) for c in x.split(CHUNK)])
 
 
 def _output_error(gm: fx.GraphModule, x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,7 +81,7 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
     empirical = mode == "empirical"
     modules = dict(gm.named_modules())
     x = ctx.samples(ctx.bias_correction_samples)
-    last_use = {a.name: n.name for n in gm.graph.nodes for a in n.all_input_nodes}
+    last_use = last_uses(gm)
     layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], _QWeighted)]
     quant: dict[str, object] = {}
     flt: dict[str, object] = {}            # the float model's values ("empirical" only)
@@ -140,16 +94,16 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
             if node.op == "placeholder":
                 quant[node.name] = flt[node.name] = x
                 continue
-            q = _run(node, gm, modules, quant)
+            q = run_node(node, gm, modules, quant)
             if empirical:
-                flt[node.name] = _run(node, gm, modules, flt, as_float=True)
+                flt[node.name] = run_node(node, gm, modules, flt, float_=True)
             layer = modules.get(node.target) if node.op == "call_module" else None
             if isinstance(layer, _QWeighted):
-                ref = flt[node.name] if empirical else _run(node, gm, modules, quant, as_float=True)
+                ref = flt[node.name] if empirical else run_node(node, gm, modules, quant, float_=True)
                 dims = layer.non_channel_dims(q)
                 before = layer.qbias()               # the bias the output q was computed with
                 corrected = before - (q - ref).mean(dims).to(before.dtype)
-                room = _headroom(layer, ctx.target.acc_bits)
+                room = layer.bias_room(ctx.target.acc_bits)
                 if bool((corrected.abs() > room).any()):
                     clipped.append(node.name)
                     corrected = torch.maximum(torch.minimum(corrected, room), -room)
@@ -158,10 +112,7 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
                 q += layer.output_channels(q, (layer.qbias() - before).to(q.dtype))
                 bar.update(1)
             quant[node.name] = q
-            for a in node.all_input_nodes:                # drop what no later node reads
-                if last_use.get(a.name) == node.name:
-                    quant.pop(a.name, None)
-                    flt.pop(a.name, None)
+            drop_dead(node, last_use, quant, flt)
     if clipped:
         ctx.note(f"bias correction: corrections clipped at the accumulator headroom in {', '.join(clipped)}")
     ctx.note(f"bias correction ({mode}): {len(layers)} layer(s) on {x.shape[0]} calibration samples")

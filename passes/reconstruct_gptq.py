@@ -12,9 +12,20 @@ its rounding errors into output error; round-to-nearest leaves that sum to chanc
 EfficientNet-Lite1 W8A8 with activations in float: 92.41% -> 97.3% top-1 agreement (README, a /tmp
 probe).
 
-Reads: ``ctx.reconstruct`` (``samples``, ``damp``), ``ctx.calib_batches``, the QConv2d/QLinear modules
-and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its
-format; formats unchanged). Cluster formats (dfp-cluster) are refused, naming the layer.
+With ``inputs="quantized"`` each layer is fitted where it will run: on the inputs the quantized model
+gives it, every upstream layer already rounded and every activation already on its codes, against what
+the float layer computes on the float model's inputs. With x the float input, x̃ the quantized one and
+centred moments H̃ = Cov[x̃], C = Cov[x, x̃], the output error E||W x + b - (Q x̃ + b')||² is
+||Q - W C H̃⁻¹||² in H̃ plus a constant once b' = b + W E[x] - Q E[x̃]: the rows W C H̃⁻¹ are rounded
+against H̃ as above and the bias follows the rounded rows. This is the asymmetric calibration of GPTAQ
+(Li et al., 2025): the closed form absorbs what upstream rounding and input quantization did to this
+layer's input, so it pays most where activations are coarse (4-bit). Samples walk the graph node by node,
+float and quantized side by side (fxq.stepwise): one pass each, memory bounded by ``samples``.
+
+Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``), ``ctx.calib_batches``, the QConv2d/QLinear
+modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its
+format; formats unchanged); with ``inputs="quantized"`` also ``bias_q`` (clipped at the accumulator
+headroom choose_formats keeps, with a note). Cluster formats (dfp-cluster) are refused, naming the layer.
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
 from fxq.obq import damped, obq_round
+from fxq.stepwise import drop_dead, last_uses, run_node
 
 _UNFOLD_ELEMENTS = 2**24        # unfolded patches per piece of a batch, to bound memory
 
@@ -48,6 +60,12 @@ def _patches(layer: _QWeighted, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(cols.shape[0], g, cols.shape[1] // g, cols.shape[2])
 
 
+def _pieces(layer: _QWeighted, x: torch.Tensor) -> int:
+    """Samples per piece so that one piece's unfolded patches stay under _UNFOLD_ELEMENTS."""
+    area = layer.weight[0, 0].numel() if isinstance(layer, QConv2d) else 1
+    return max(1, _UNFOLD_ELEMENTS // max(1, x[0].numel() * area))
+
+
 class _Moments:
     """Accumulates H = E[x xᵀ] of one layer's inputs, [G, K, K], in float64."""
 
@@ -56,9 +74,7 @@ class _Moments:
 
     def __call__(self, module, inputs, output) -> None:
         x = inputs[0].detach()
-        area = self.layer.weight[0, 0].numel() if isinstance(self.layer, QConv2d) else 1
-        per_sample = max(1, x[0].numel() * area)       # bounds the unfolded size of one sample
-        for piece in x.split(max(1, _UNFOLD_ELEMENTS // per_sample)):
+        for piece in x.split(_pieces(self.layer, x)):
             cols = _patches(self.layer, piece.double())
             h = torch.einsum("ngkl,ngjl->gkj", cols, cols)
             self.sum = h if self.sum is None else self.sum + h
@@ -66,6 +82,25 @@ class _Moments:
 
     def hessian(self) -> torch.Tensor:
         return self.sum / self.count
+
+
+class _CrossMoments:
+    """Centred moments of one layer's float inputs x and quantized inputs x̃, per group, in float64:
+    H̃ = Cov[x̃] and C = Cov[x, x̃] [G, K, K], and the means E[x], E[x̃] [G, K]."""
+
+    def __init__(self, layer: _QWeighted, x: torch.Tensor, xq: torch.Tensor):
+        n, sq, sc, mx, mq = 0, 0, 0, 0, 0
+        step = _pieces(layer, x)
+        for fp, qp in zip(x.split(step), xq.split(step)):
+            f, q = _patches(layer, fp.double()), _patches(layer, qp.double())
+            sq = sq + torch.einsum("ngkl,ngjl->gkj", q, q)
+            sc = sc + torch.einsum("ngkl,ngjl->gkj", f, q)
+            mx, mq = mx + f.sum((0, 3)), mq + q.sum((0, 3))
+            n += f.shape[0] * f.shape[-1]
+        self.count = n                     # rows: samples x output positions
+        self.mean_x, self.mean_q = mx / n, mq / n
+        self.cov_q = sq / n - self.mean_q[:, :, None] * self.mean_q[:, None, :]
+        self.cov_xq = sc / n - self.mean_x[:, :, None] * self.mean_q[:, None, :]
 
 
 def _check(gm: fx.GraphModule, layers: dict) -> None:
@@ -81,16 +116,40 @@ def _check(gm: fx.GraphModule, layers: dict) -> None:
                                 f"got padding={m.padding!r}")
 
 
-def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float) -> None:
-    """OBQ-round ``layer``'s weights against its input moments ``hess`` [G, K, K], into ``weight_q``."""
-    w = layer.weight_q.detach().double()
+def _rows(layer: _QWeighted, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """[G, R, K]: the weights of each group's output channels, in the order _patches lays out inputs."""
+    return w.double().reshape(groups, w.shape[0] // groups, -1)
+
+
+def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor | None = None) -> None:
+    """OBQ-round ``rows`` [G, R, K] (default: ``layer``'s weights) against the input moments ``hess``
+    [G, K, K], into ``weight_q``."""
     g = hess.shape[0]
-    rows = w.reshape(g, w.shape[0] // g, -1)
+    rows = _rows(layer, layer.weight_q.detach(), g) if rows is None else rows
     fmt = layer.w_fmt
     step = torch.from_numpy(fmt.step).reshape(g, -1)          # one step per output channel
     rng = fmt.range
     q = obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi)
-    layer.weight_q.copy_(q.reshape(w.shape).to(layer.weight_q.dtype))
+    layer.weight_q.copy_(q.reshape(layer.weight_q.shape).to(layer.weight_q.dtype))
+
+
+def fit_layer(layer: _QWeighted, m: _CrossMoments, damp: float, acc_bits: int) -> bool:
+    """Round ``layer`` for its quantized inputs (module docstring) and set the bias that goes with the
+    rounded rows. Returns whether that bias was clipped at the accumulator headroom."""
+    g = m.cov_q.shape[0]
+    w = _rows(layer, layer.weight.detach(), g)
+    hess = damped(m.cov_q, damp)
+    # ridge towards the float rows (not towards 0): where the samples leave a direction unseen, keep W
+    pull = hess - m.cov_q
+    target = torch.linalg.solve(hess, (w @ (m.cov_xq + pull)).transpose(1, 2)).transpose(1, 2)
+    round_layer(layer, m.cov_q, damp, rows=target)
+    q = _rows(layer, layer.weight_q, g)
+    shift = (w @ m.mean_x[:, :, None] - q @ m.mean_q[:, :, None]).reshape(-1)
+    bias = layer.bias.detach().double() + shift
+    room = layer.bias_room(acc_bits).double()
+    clipped = bool((bias.abs() > room).any())
+    layer.bias_q.copy_(torch.maximum(torch.minimum(bias, room), -room).to(layer.bias_q.dtype))
+    return clipped
 
 
 def reconstruct_gptq(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -98,25 +157,62 @@ def reconstruct_gptq(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     started = time.perf_counter()
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, _QWeighted)}
     _check(gm, layers)
+    x = ctx.samples(opts.samples)
+    with torch.no_grad():
+        if opts.inputs == "quantized":
+            _fit_on_quantized_inputs(gm, ctx, x, len(layers))
+        else:
+            _round_on_float_inputs(gm, ctx, x, layers)
+    ctx.note(f"reconstruct (gptq): {len(layers)} layer(s) rounded against their {opts.inputs} input moments on "
+             f"{x.shape[0]} calibration samples, damp {opts.damp:g}, {time.perf_counter() - started:.1f} s")
+    return gm
+
+
+def _round_on_float_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Tensor, layers: dict) -> None:
+    opts = ctx.reconstruct
     moments = {name: _Moments(m) for name, m in layers.items()}
     hooks = [layers[name].register_forward_hook(acc) for name, acc in moments.items()]
-    x = ctx.samples(opts.samples)
     set_quantization(gm, False)
     try:
-        with torch.no_grad():
-            for batch in tqdm(x.split(opts.batch), desc="fxq reconstruct (gptq): input moments", unit="batch",
-                              disable=not ctx.progress, leave=False):
-                gm(batch)
+        for batch in tqdm(x.split(opts.batch), desc="fxq reconstruct (gptq): input moments", unit="batch",
+                          disable=not ctx.progress, leave=False):
+            gm(batch)
     finally:
         set_quantization(gm, True)
         for h in hooks:
             h.remove()
-    with torch.no_grad():
-        for name in tqdm(layers, desc="fxq reconstruct (gptq): rounding", unit="layer", disable=not ctx.progress,
-                         leave=False):
-            if moments[name].sum is None:
-                raise UnsupportedOp(f"reconstruct mode 'gptq': layer {name} never ran on the calibration samples")
-            round_layer(layers[name], moments[name].hessian(), opts.damp)
-    ctx.note(f"reconstruct (gptq): {len(layers)} layer(s) rounded against their input moments on {x.shape[0]} "
-             f"calibration samples, damp {opts.damp:g}, {time.perf_counter() - started:.1f} s")
-    return gm
+    for name in tqdm(layers, desc="fxq reconstruct (gptq): rounding", unit="layer", disable=not ctx.progress,
+                     leave=False):
+        if moments[name].sum is None:
+            raise UnsupportedOp(f"reconstruct mode 'gptq': layer {name} never ran on the calibration samples")
+        round_layer(layers[name], moments[name].hessian(), opts.damp)
+
+
+def _fit_on_quantized_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Tensor, n_layers: int) -> None:
+    """Walk the graph in order, float and quantized values side by side; fit each layer as it comes, so
+    every layer downstream sees its rounding."""
+    modules = dict(gm.named_modules())
+    last_use = last_uses(gm)
+    quant: dict = {}
+    flt: dict = {}
+    clipped = []
+    with tqdm(total=n_layers, desc="fxq reconstruct (gptq, quantized inputs)", unit="layer",
+              disable=not ctx.progress, leave=False) as bar:
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                quant[node.name] = flt[node.name] = x
+                continue
+            layer = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(layer, _QWeighted):
+                src = node.args[0].name
+                if fit_layer(layer, _CrossMoments(layer, flt[src], quant[src]), ctx.reconstruct.damp,
+                             ctx.target.acc_bits):
+                    clipped.append(node.name)
+                bar.update(1)
+            quant[node.name] = run_node(node, gm, modules, quant)
+            flt[node.name] = run_node(node, gm, modules, flt, float_=True)
+            drop_dead(node, last_use, quant, flt)
+    if clipped:
+        ctx.note(f"reconstruct (gptq): biases clipped at the accumulator headroom in {', '.join(clipped)}")

@@ -64,3 +64,12 @@ def test_damping_scales_with_the_diagonal():
     d = damped(h, 0.5)                              # mean of the diagonal: 2
     assert torch.allclose(torch.diagonal(d - h, dim1=-2, dim2=-1), torch.full((1, 3), 1.0, dtype=torch.float64))
     assert torch.linalg.cholesky(d) is not None     # an input that never varies no longer makes H singular
+
+
+def test_inputs_that_never_vary_round_to_nearest():
+    """A centred H of constant inputs is all zeros: no direction is known, so OBQ is plain rounding."""
+    d = damped(torch.zeros(2, 5, 5, dtype=torch.float64), 0.01)
+    assert torch.equal(d, 0.01 * torch.eye(5, dtype=torch.float64).expand(2, 5, 5))
+    w = torch.randn(2, 3, 5, generator=G).double()
+    step = torch.full((2, 3), 2.0**-2, dtype=torch.float64)
+    assert torch.equal(obq_round(w, d, step, -8, 7), nearest(w, step, -8, 7))

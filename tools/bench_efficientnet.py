@@ -80,6 +80,10 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int + clamp fit + activation Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int",
      "W8A8", {"fit_clamps": True, "search": "hessian-activations", "bias_correction": "weights",
               "reconstruct": "gptq", "out_bits": 16}),
+    # 2026-12-03: each layer fitted on the quantized model's inputs, its bias solved with it (no bias correction).
+    ("fxq shift-int + clamp fit + activation Hessian search + GPTQ reconstruction on quantized inputs, 16-bit logits",
+     "shift-int", "W8A8", {"fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
+                           "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
@@ -96,6 +100,10 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int W4A4 + clamp fit + activation Hessian search + GPTQ reconstruction, 16-bit logits", "shift-int",
      "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations",
               "bias_correction": "weights", "reconstruct": "gptq", "out_bits": 16}),
+    ("fxq shift-int W4A4 + clamp fit + activation Hessian search + GPTQ reconstruction on quantized inputs, "
+     "16-bit logits", "shift-int", "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True,
+                                             "search": "hessian-activations", "out_bits": 16,
+                                             "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration

@@ -107,3 +107,109 @@ def test_cluster_weights_are_refused_by_layer():
 def test_damp_must_be_non_negative():
     with pytest.raises(CalibrationError, match="damp"):
         fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "damp": -1})
+
+
+# --- inputs="quantized": fitted on the quantized model's inputs, bias solved with the rows -------------
+
+def test_cross_moments_are_the_centred_moments_of_the_patches():
+    from passes.reconstruct_gptq import _CrossMoments
+    conv = QConv2d.__new__(QConv2d)
+    nn.Module.__init__(conv)
+    conv.weight = nn.Parameter(torch.zeros(4, 1, 3, 3))
+    conv.stride, conv.padding, conv.dilation, conv.groups = (1, 1), (1, 1), (1, 1), 2
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 2, 4, 4, generator=g) + 0.5
+    xq = (x * 2).round() / 2                             # a "quantized" copy: correlated, not equal
+    m = _CrossMoments(conv, x, xq)
+    for c in range(2):
+        def rows(t):
+            p = F.pad(t[:, c], (1, 1, 1, 1)).double()
+            return torch.stack([p[n, i:i + 3, j:j + 3].reshape(-1) for n in range(5) for i in range(4)
+                                for j in range(4)])
+        f, q = rows(x), rows(xq)
+        assert torch.allclose(m.mean_x[c], f.mean(0)) and torch.allclose(m.mean_q[c], q.mean(0))
+        fc, qc = f - f.mean(0), q - q.mean(0)
+        assert torch.allclose(m.cov_q[c], qc.T @ qc / len(q))
+        assert torch.allclose(m.cov_xq[c], fc.T @ qc / len(q))
+
+
+def _quantized_inputs(qm, layer_name, x):
+    """The input ``layer_name`` gets in the quantized model (every quantizer on)."""
+    seen = []
+    layer = dict(qm.fake.named_modules())[layer_name]
+    h = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        qm.fake(x)
+    h.remove()
+    return seen[0]
+
+
+def _float_inputs(qm, layer_name, x):
+    set_quantization(qm.fake, False)
+    try:
+        return _quantized_inputs(qm, layer_name, x)
+    finally:
+        set_quantization(qm.fake, True)
+
+
+@pytest.mark.parametrize("name", ["inverted_residual", "residual"])
+def test_each_layer_is_fitted_on_the_inputs_the_rounded_model_gives_it(name):
+    """Refitting any layer on its inputs in the final quantized model (every upstream layer rounded)
+    reproduces its codes and bias: the walk fitted each layer after everything upstream of it."""
+    from passes.reconstruct_gptq import _CrossMoments, fit_layer
+    opts = {"mode": "gptq", "inputs": "quantized", "samples": 48}
+    qm = fxq.compile(tiny(name), X, "shift-int", progress=False, w_bits=4, a_bits=4, bias_correction=None,
+                     reconstruct=opts)
+    layers = [n for n, m in qm.fake.named_modules() if isinstance(m, _QWeighted)]
+    assert len(layers) >= 3
+    for name_ in layers:
+        layer = dict(qm.fake.named_modules())[name_]
+        kept_w, kept_b = layer.weight_q.clone(), layer.bias_q.clone()
+        with torch.no_grad():
+            m = _CrossMoments(layer, _float_inputs(qm, name_, X), _quantized_inputs(qm, name_, X))
+            fit_layer(layer, m, 0.01, qm.target.acc_bits)
+        assert torch.equal(layer.weight_q, kept_w), name_
+        assert torch.allclose(layer.bias_q, kept_b, rtol=0, atol=1e-9), name_
+
+
+def test_quantized_inputs_fit_beats_the_float_inputs_fit_on_those_inputs():
+    """One layer, coarse inputs: E||W x + b - (Q x̃ + b')||² is smaller when the rows and bias are fitted on x̃."""
+    from passes.reconstruct_gptq import _CrossMoments, fit_layer, _Moments, round_layer
+    qm = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4, bias_correction=None)
+    name_ = [n for n, m in qm.fake.named_modules() if isinstance(m, _QWeighted)][1]
+    layer = dict(qm.fake.named_modules())[name_]
+    x, xq = _float_inputs(qm, name_, X), _quantized_inputs(qm, name_, X)
+
+    def error():
+        with torch.no_grad():
+            want = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            return float(((layer(xq) - want) ** 2).mean())
+
+    with torch.no_grad():
+        acc = _Moments(layer)
+        acc(layer, (x,), None)
+        round_layer(layer, acc.hessian(), 0.01)
+        on_float = error()
+        fit_layer(layer, _CrossMoments(layer, x, xq), 0.01, qm.target.acc_bits)
+        on_quantized = error()
+    assert on_quantized < 0.9 * on_float
+
+
+def test_quantized_inputs_model_is_on_the_grid_and_exact():
+    qm = fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
+                     reconstruct={"mode": "gptq", "inputs": "quantized"})
+    for m in (m for m in qm.fake.modules() if isinstance(m, _QWeighted)):
+        scale = 2.0 ** torch.as_tensor(m.w_fmt.frac_array, dtype=torch.float64).reshape(-1, *[1] * (m.weight.dim() - 1))
+        codes = m.weight_q.double() * scale
+        assert torch.equal(codes, codes.round())
+    assert any("quantized input moments" in n for n in qm.notes)
+    # the pass solved the biases: compile's "auto" bias correction stays off
+    assert not any(n.startswith("bias correction") for n in qm.notes)
+    assert_three_executors(qm, X[:8])
+
+
+def test_inputs_option_is_checked():
+    with pytest.raises(CalibrationError, match="inputs.*one of"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "inputs": "fp32"})
+    with pytest.raises(CalibrationError, match="inputs.*mode 'gptq' only"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "rapq", "inputs": "quantized"})
