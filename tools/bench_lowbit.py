@@ -20,7 +20,8 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
   with a rounding lr 4e-3, and with activation step search or 3000 iterations where the label says;
 - + GPTQ reconstruction: each layer rounded in closed form against its inputs' second moments
   (``reconstruct="gptq"``, fxq's default formats, no Hessian search), and the same with
-  ``fit_clamps=True`` (ReLU6 outputs rescaled so the clamp is the top code).
+  ``fit_clamps=True`` (ReLU6 outputs rescaled so the clamp is the top code), and each layer fitted on the
+  quantized model's inputs with its bias (``inputs="quantized"``; compile's "auto" bias correction is off).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -93,6 +94,8 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
          {**bits, "reconstruct": {"mode": "gptq"}}),
         ("+ clamp fit + GPTQ reconstruction, checked bias correction", "shift-int",
          {**bits, "fit_clamps": True, "reconstruct": {"mode": "gptq"}}),
+        ("+ GPTQ reconstruction on quantized inputs (bias solved)", "shift-int",
+         {**bits, "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
     ]
 
 
