@@ -19,8 +19,10 @@ centred moments H̃ = Cov[x̃], C = Cov[x, x̃], the output error E||W x + b - (
 ||Q - W C H̃⁻¹||² in H̃ plus a constant once b' = b + W E[x] - Q E[x̃]: the rows W C H̃⁻¹ are rounded
 against H̃ as above and the bias follows the rounded rows. This is the asymmetric calibration of GPTAQ
 (Li et al., 2025): the closed form absorbs what upstream rounding and input quantization did to this
-layer's input, so it pays most where activations are coarse (4-bit). Samples walk the graph node by node,
-float and quantized side by side (fxq.stepwise): one pass each, memory bounded by ``samples``.
+layer's input. Measured (README): on the Fashion-MNIST zoo it takes W2A4 from unusable to within 2-5
+points of FP32; on EfficientNet-Lite1 W4A4 it is far worse than the float-input fit, because matching
+each layer's output mean there breaks the network. Samples walk the graph node by node, float and
+quantized side by side (fxq.stepwise): one pass each, every live value held for all ``samples``.
 
 Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``), ``ctx.calib_batches``, the QConv2d/QLinear
 modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its
@@ -97,7 +99,6 @@ class _CrossMoments:
             sc = sc + torch.einsum("ngkl,ngjl->gkj", f, q)
             mx, mq = mx + f.sum((0, 3)), mq + q.sum((0, 3))
             n += f.shape[0] * f.shape[-1]
-        self.count = n                     # rows: samples x output positions
         self.mean_x, self.mean_q = mx / n, mq / n
         self.cov_q = sq / n - self.mean_q[:, :, None] * self.mean_q[:, None, :]
         self.cov_xq = sc / n - self.mean_x[:, :, None] * self.mean_q[:, None, :]
