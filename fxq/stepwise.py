@@ -54,14 +54,19 @@ def run_node(node: fx.Node, gm: fx.GraphModule, modules: dict, env: dict, float_
     return getattr(gm, node.target)                      # get_attr
 
 
-def last_uses(gm: fx.GraphModule) -> dict[str, str]:
-    """For each node name, the name of the last node that reads it (values can be dropped after it)."""
-    return {a.name: n.name for n in gm.graph.nodes for a in n.all_input_nodes}
-
-
-def drop_dead(node: fx.Node, last_use: dict, *envs: dict) -> None:
-    """Forget the inputs of ``node`` that no later node reads."""
-    for a in node.all_input_nodes:
-        if last_use.get(a.name) == node.name:
+def walk(gm: fx.GraphModule, x: torch.Tensor, *envs: dict):
+    """Yield the graph's compute nodes in order, each env holding ``x`` at the placeholders; once the
+    caller is done with a node, forget the values no later node reads."""
+    last_use = {a.name: n.name for n in gm.graph.nodes for a in n.all_input_nodes}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            return
+        if node.op == "placeholder":
             for env in envs:
-                env.pop(a.name, None)
+                env[node.name] = x
+            continue
+        yield node
+        for a in node.all_input_nodes:
+            if last_use.get(a.name) == node.name:
+                for env in envs:
+                    env.pop(a.name, None)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
 from fxq.fakequant import _QWeighted, set_quantization
-from fxq.stepwise import CHUNK, drop_dead, last_uses, run_node
+from fxq.stepwise import CHUNK, run_node, walk
 
 _CHECK_SAMPLES = 1024    # at most this many calibration samples judge a "checked" correction
 
@@ -81,19 +81,13 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
     empirical = mode == "empirical"
     modules = dict(gm.named_modules())
     x = ctx.samples(ctx.bias_correction_samples)
-    last_use = last_uses(gm)
     layers = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], _QWeighted)]
     quant: dict[str, object] = {}
     flt: dict[str, object] = {}            # the float model's values ("empirical" only)
     clipped = []
     with torch.no_grad(), tqdm(total=len(layers), desc=f"fxq bias correction ({mode})", unit="layer",
                                disable=not ctx.progress, leave=False) as bar:
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                quant[node.name] = flt[node.name] = x
-                continue
+        for node in walk(gm, x, quant, flt):
             q = run_node(node, gm, modules, quant)
             if empirical:
                 flt[node.name] = run_node(node, gm, modules, flt, float_=True)
@@ -112,7 +106,6 @@ def _correct(gm: fx.GraphModule, ctx: CompileContext, mode: str) -> fx.GraphModu
                 q += layer.output_channels(q, (layer.qbias() - before).to(q.dtype))
                 bar.update(1)
             quant[node.name] = q
-            drop_dead(node, last_use, quant, flt)
     if clipped:
         ctx.note(f"bias correction: corrections clipped at the accumulator headroom in {', '.join(clipped)}")
     ctx.note(f"bias correction ({mode}): {len(layers)} layer(s) on {x.shape[0]} calibration samples")

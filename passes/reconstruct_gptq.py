@@ -42,7 +42,7 @@ from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
 from fxq.obq import damped, obq_round
-from fxq.stepwise import drop_dead, last_uses, run_node
+from fxq.stepwise import run_node, walk
 
 _UNFOLD_ELEMENTS = 2**24        # unfolded patches per piece of a batch, to bound memory
 
@@ -193,18 +193,12 @@ def _fit_on_quantized_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.T
     """Walk the graph in order, float and quantized values side by side; fit each layer as it comes, so
     every layer downstream sees its rounding."""
     modules = dict(gm.named_modules())
-    last_use = last_uses(gm)
     quant: dict = {}
     flt: dict = {}
     clipped = []
     with tqdm(total=n_layers, desc="fxq reconstruct (gptq, quantized inputs)", unit="layer",
               disable=not ctx.progress, leave=False) as bar:
-        for node in gm.graph.nodes:
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                quant[node.name] = flt[node.name] = x
-                continue
+        for node in walk(gm, x, quant, flt):
             layer = modules.get(node.target) if node.op == "call_module" else None
             if isinstance(layer, _QWeighted):
                 src = node.args[0].name
@@ -214,6 +208,5 @@ def _fit_on_quantized_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.T
                 bar.update(1)
             quant[node.name] = run_node(node, gm, modules, quant)
             flt[node.name] = run_node(node, gm, modules, flt, float_=True)
-            drop_dead(node, last_use, quant, flt)
     if clipped:
         ctx.note(f"reconstruct (gptq): biases clipped at the accumulator headroom in {', '.join(clipped)}")
