@@ -67,8 +67,9 @@ def compile(model: nn.Module, calib_data=None, target: str | Target = "shift-int
     ``reconstruct``: block-wise reconstruction (passes/reconstruct): True or "rapq" (learned rounding,
     power-of-two weight exponents and activation steps), "adaround" (rounding only), "gptq" (each layer's
     rounding in closed form against its inputs' second moments, passes/reconstruct_gptq; with option
-    ``inputs="quantized"`` fitted on the quantized model's inputs, the bias with it), or a dict /
-    fxq.ReconstructOptions of its options (iters, time_budget, qdrop, ...).
+    ``inputs="quantized"`` fitted on the quantized model's inputs, the bias with it; ``step_search=k``
+    also re-chooses each channel's power of two), or a dict / fxq.ReconstructOptions of its options
+    (iters, time_budget, qdrop, ...; ``init="gptq"`` starts the learned rounding from GPTQ's).
     """
     from .passes import PIPELINE
     from .passes.expand_attention import ATTENTION_LEAVES

@@ -27,6 +27,7 @@ RECONSTRUCT_MODES = ("rapq", "adaround", "gptq")
 # the quantized model's, upstream layers already rounded, against the float layer's output on the float
 # inputs, the bias solved with the weights (passes/reconstruct_gptq).
 GPTQ_INPUTS = ("float", "quantized")
+RECONSTRUCT_INITS = ("float", "gptq")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ class ReconstructOptions:
     # mode "gptq": H + damp * mean(diag H) * I, GPTQ's 1%: invertible where an input never varies
     damp: float = 0.01
     inputs: str = "float"             # mode "gptq": one of GPTQ_INPUTS
+    step_search: int = 0              # GPTQ rounding: each row tries its weight step times 2**j, |j| <= this
+    # modes "rapq"/"adaround": where the learned rounding starts. "float": AdaRound's h(V) = frac(W/Δ);
+    # "gptq": the weights as GPTQ compensated them before rounding (float-input moments, damp,
+    # step_search), so training starts at GPTQ's codes and a block never ends worse than them.
+    init: str = "float"
 
     @property
     def solves_bias(self) -> bool:
@@ -73,6 +79,14 @@ class ReconstructOptions:
             bad("inputs", f"applies to mode 'gptq' only (mode is {self.mode!r})")
         if not isinstance(self.act_search, int) or isinstance(self.act_search, bool) or not 0 <= self.act_search <= 4:
             bad("act_search", "must be an integer in 0..4")
+        if not isinstance(self.step_search, int) or isinstance(self.step_search, bool) or not 0 <= self.step_search <= 4:
+            bad("step_search", "must be an integer in 0..4")
+        if self.init not in RECONSTRUCT_INITS:
+            bad("init", f"must be one of {RECONSTRUCT_INITS}")
+        if self.init != "float" and self.mode == "gptq":
+            bad("init", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' is the GPTQ rounding itself)")
+        if self.step_search and self.mode != "gptq" and self.init != "gptq":
+            bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq' (mode is {self.mode!r})")
         for name in ("iters", "batch", "chain_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

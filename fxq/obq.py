@@ -25,12 +25,14 @@ def damped(hess: torch.Tensor, damp: float) -> torch.Tensor:
     return hess + damp * level[..., None, None] * torch.eye(k, dtype=hess.dtype, device=hess.device)
 
 
-def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, hi: int,
+              updated: bool = False):
     """Round rows ``w`` [B, R, K] to codes in [lo, hi] times ``step`` ([B, R], one step per row),
     compensating through ``hess`` [B, K, K] (positive definite: pass it through ``damped``).
 
     Every row of batch b shares hess[b]. Returns the rounded values (float64, on the grid) in the
-    original column order.
+    original column order; with ``updated`` also each weight as it stood just before it was rounded
+    (the compensated values whose nearest codes are the result: a start for learned rounding).
     """
     w = w.to(torch.float64)
     hess = hess.to(torch.float64)
@@ -41,12 +43,16 @@ def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, 
     work = torch.gather(w, 2, cols)
     h = torch.gather(torch.gather(hess, 1, order[:, :, None].expand(b, k, k)), 2, order[:, None, :].expand(b, k, k))
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    before = torch.empty_like(work) if updated else None
     for i in range(k):
         col = work[:, :, i]
+        if updated:
+            before[:, :, i] = col
         q = torch.clamp(torch.round(col / step), lo, hi) * step
         err = (col - q) / u[:, i, i, None]
         work[:, :, i] = q
         work[:, :, i + 1:] -= err[:, :, None] * u[:, None, i, i + 1:]
-    out = torch.empty_like(work)
-    out.scatter_(2, cols, work)
-    return out
+    out = torch.empty_like(work).scatter_(2, cols, work)
+    if not updated:
+        return out
+    return out, torch.empty_like(before).scatter_(2, cols, before)

@@ -29,6 +29,10 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   of two and the verifier checks the integer graph that results.
 - mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
   reference); only the rounding is learned.
+- ``init="gptq"``: before the first block, every layer's ``weight_q`` becomes GPTQ's compensated weights
+  (float-input moments; the values OBQ rounded to nearest), so AdaRound's h(V) = frac(W/Δ) starts at
+  GPTQ's codes and each block's "before" loss is GPTQ's; at the end every weight is put on its grid (a
+  reverted block keeps GPTQ's codes). Mode "rapq" still learns the exponents, from those weights.
 - mode "gptq": no blocks and no training; each conv/linear is rounded in closed form against its
   inputs' second moments (passes/reconstruct_gptq, fxq.obq). Steps stay as chosen.
 - p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
@@ -70,7 +74,7 @@ from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
 
-from .reconstruct_gptq import reconstruct_gptq
+from .reconstruct_gptq import reconstruct_gptq, round_on_float_inputs
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -294,6 +298,10 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise UnsupportedOp(f"{describe_node(first)}: reconstruct expects the first cut to quantize the model "
                             f"input directly")
     rec.snapped.add(first.target)                   # the cached inputs were quantized with its step
+    if opts.init == "gptq":
+        with torch.no_grad():
+            round_on_float_inputs(gm, ctx, x, {n: m for n, m in rec.modules.items() if isinstance(m, _QWeighted)},
+                                  updated=True)
     xf = x
     xq = _run_chunks(gm.get_submodule(first.target), x)
     started = time.perf_counter()
@@ -329,9 +337,15 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}"
                        + ("" if kept else " (worse: reverted)")
                        + (f" [steps {', '.join(searched)}]" if searched and kept else ""))
+    if opts.init == "gptq":                         # a reverted block still holds GPTQ's compensated values
+        with torch.no_grad():
+            for m in rec.modules.values():
+                if isinstance(m, _QWeighted):
+                    m.weight_q.copy_(m.qweight())
     sync_weight_meta(gm)
     ctx.reconstruct_history = rec.history
-    ctx.note(f"reconstruct ({opts.mode}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "
+    start = ", from GPTQ" if opts.init == "gptq" else ""
+    ctx.note(f"reconstruct ({opts.mode}{start}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "
              f"{time.perf_counter() - started:.0f} s; block loss before -> after: " + "; ".join(summary))
     return gm
 

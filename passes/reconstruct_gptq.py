@@ -24,15 +24,19 @@ points of FP32; on EfficientNet-Lite1 W4A4 it is far worse than the float-input 
 each layer's output mean there breaks the network. Samples walk the graph node by node, float and
 quantized side by side (fxq.stepwise): one pass each, every live value held for all ``samples``.
 
-Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``), ``ctx.calib_batches``, the QConv2d/QLinear
-modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its
-format; formats unchanged); with ``inputs="quantized"`` also ``bias_q`` (clipped at the accumulator
-headroom choose_formats keeps, with a note). Cluster formats (dfp-cluster) are refused, naming the layer.
+With ``step_search`` each output channel's power of two is chosen by the output error its rounding
+leaves, among its step times 2**j, |j| <= step_search (measured: no gain on EfficientNet-Lite1, README).
+
+Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``, ``step_search``), ``ctx.calib_batches``, the
+QConv2d/QLinear modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on
+the grid of its format; formats unchanged unless ``step_search``); with ``inputs="quantized"`` also
+``bias_q`` (clipped at the accumulator headroom choose_formats keeps, with a note). Cluster formats (dfp-cluster) are refused, naming the layer.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -41,8 +45,10 @@ from tqdm.auto import tqdm
 from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
+from fxq.formats import step_of
 from fxq.obq import damped, obq_round
 from fxq.stepwise import run_node, walk
+from fxq.tuning import set_weight_frac, sync_weight_meta
 
 _UNFOLD_ELEMENTS = 2**24        # unfolded patches per piece of a batch, to bound memory
 
@@ -122,19 +128,41 @@ def _rows(layer: _QWeighted, w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.double().reshape(groups, w.shape[0] // groups, -1)
 
 
-def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor | None = None) -> None:
+def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor | None = None,
+                step_search: int = 0, acc_bits: int | None = None, updated: bool = False) -> None:
     """OBQ-round ``rows`` [G, R, K] (default: ``layer``'s weights) against the input moments ``hess``
-    [G, K, K], into ``weight_q``."""
+    [G, K, K], into ``weight_q``. With ``step_search`` k > 0 each row first tries its step times 2**j,
+    |j| <= k, and keeps the one whose rounding leaves the least output error (rows - q) H (rows - q)ᵀ:
+    choose_formats picked the step for the weights' own squared error, blind to how the inputs
+    correlate and to what OBQ's compensation recovers. With ``updated``, ``weight_q`` gets the compensated
+    values OBQ rounded to nearest instead of their codes (off the grid; the fake quant rounds them to the
+    same codes), for a learned rounding to start from."""
     g = hess.shape[0]
-    rows = _rows(layer, layer.weight_q.detach(), g) if rows is None else rows
-    fmt = layer.w_fmt
-    step = torch.from_numpy(fmt.step).reshape(g, -1)          # one step per output channel
-    rng = fmt.range
-    q = obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi)
+    rows = _rows(layer, layer.weight_q.detach(), g) if rows is None else rows.double()
+    if step_search:
+        frac = layer.w_fmt.frac_array.reshape(g, -1)
+        shifts = sorted(range(-step_search, step_search + 1), key=abs)     # ties keep the step it had
+        errs = torch.stack([_row_error(rows, _obq(layer, hess, damp, rows, frac - j), hess) for j in shifts])
+        best = frac - np.asarray(shifts)[errs.argmin(0).numpy()]
+        set_weight_frac(layer, best.reshape(-1), acc_bits)   # the bias cap may still coarsen a channel
+    q = _obq(layer, hess, damp, rows, layer.w_fmt.frac_array.reshape(g, -1), updated)
+    q = q[1] if updated else q
     layer.weight_q.copy_(q.reshape(layer.weight_q.shape).to(layer.weight_q.dtype))
 
 
-def fit_layer(layer: _QWeighted, m: _CrossMoments, damp: float, acc_bits: int) -> bool:
+def _obq(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor, frac, updated: bool = False):
+    step = torch.from_numpy(step_of(frac, layer.w_fmt.mant_array.reshape(frac.shape)))
+    rng = layer.w_fmt.range
+    return obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi, updated)
+
+
+def _row_error(rows: torch.Tensor, q: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:
+    """[G, R]: E||(w - q) x||² per row, with the undamped moments."""
+    d = rows - q
+    return torch.einsum("grk,gkj,grj->gr", d, hess.double(), d)
+
+
+def fit_layer(layer: _QWeighted, m: _CrossMoments, damp: float, acc_bits: int, step_search: int = 0) -> bool:
     """Round ``layer`` for its quantized inputs (module docstring) and set the bias that goes with the
     rounded rows. Returns whether that bias was clipped at the accumulator headroom."""
     g = m.cov_q.shape[0]
@@ -143,7 +171,7 @@ def fit_layer(layer: _QWeighted, m: _CrossMoments, damp: float, acc_bits: int) -
     # ridge towards the float rows (not towards 0): where the samples leave a direction unseen, keep W
     pull = hess - m.cov_q
     target = torch.linalg.solve(hess, (w @ (m.cov_xq + pull)).transpose(1, 2)).transpose(1, 2)
-    round_layer(layer, m.cov_q, damp, rows=target)
+    round_layer(layer, m.cov_q, damp, rows=target, step_search=step_search, acc_bits=acc_bits)
     q = _rows(layer, layer.weight_q, g)
     shift = (w @ m.mean_x[:, :, None] - q @ m.mean_q[:, :, None]).reshape(-1)
     bias = layer.bias.detach().double() + shift
@@ -163,13 +191,16 @@ def reconstruct_gptq(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if opts.inputs == "quantized":
             _fit_on_quantized_inputs(gm, ctx, x, len(layers))
         else:
-            _round_on_float_inputs(gm, ctx, x, layers)
+            round_on_float_inputs(gm, ctx, x, layers)
+    sync_weight_meta(gm)
     ctx.note(f"reconstruct (gptq): {len(layers)} layer(s) rounded against their {opts.inputs} input moments on "
              f"{x.shape[0]} calibration samples, damp {opts.damp:g}, {time.perf_counter() - started:.1f} s")
     return gm
 
 
-def _round_on_float_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Tensor, layers: dict) -> None:
+def round_on_float_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Tensor, layers: dict,
+                          updated: bool = False) -> None:
+    """GPTQ on the float model's input moments (``updated``: see round_layer)."""
     opts = ctx.reconstruct
     moments = {name: _Moments(m) for name, m in layers.items()}
     hooks = [layers[name].register_forward_hook(acc) for name, acc in moments.items()]
@@ -186,7 +217,8 @@ def _round_on_float_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Ten
                      leave=False):
         if moments[name].sum is None:
             raise UnsupportedOp(f"reconstruct mode 'gptq': layer {name} never ran on the calibration samples")
-        round_layer(layers[name], moments[name].hessian(), opts.damp)
+        round_layer(layers[name], moments[name].hessian(), opts.damp, step_search=opts.step_search,
+                    acc_bits=ctx.target.acc_bits, updated=updated)
 
 
 def _fit_on_quantized_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.Tensor, n_layers: int) -> None:
@@ -203,7 +235,7 @@ def _fit_on_quantized_inputs(gm: fx.GraphModule, ctx: CompileContext, x: torch.T
             if isinstance(layer, _QWeighted):
                 src = node.args[0].name
                 if fit_layer(layer, _CrossMoments(layer, flt[src], quant[src]), ctx.reconstruct.damp,
-                             ctx.target.acc_bits):
+                             ctx.target.acc_bits, ctx.reconstruct.step_search):
                     clipped.append(node.name)
                 bar.update(1)
             quant[node.name] = run_node(node, gm, modules, quant)

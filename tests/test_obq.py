@@ -73,3 +73,18 @@ def test_inputs_that_never_vary_round_to_nearest():
     w = torch.randn(2, 3, 5, generator=G).double()
     step = torch.full((2, 3), 2.0**-2, dtype=torch.float64)
     assert torch.equal(obq_round(w, d, step, -8, 7), nearest(w, step, -8, 7))
+
+
+def test_updated_values_round_to_the_result():
+    """The compensated values obq_round reports are what it rounded: nearest of each is its code, and the
+    first column in act order (largest H_ii) is the original weight, nothing compensated into it yet."""
+    w = 2 * torch.randn(3, 5, 9, generator=G).double()
+    h = damped(correlated_hessian(3, 9), 0.01)
+    step = torch.full((3, 5), 0.25, dtype=torch.float64)
+    q, before = obq_round(w, h, step, -8, 7, updated=True)
+    assert torch.equal(q, obq_round(w, h, step, -8, 7))
+    assert torch.equal(nearest(before, step, -8, 7), q)
+    first = torch.argmax(torch.diagonal(h, dim1=-2, dim2=-1), dim=1)
+    for b in range(3):
+        assert torch.equal(before[b, :, first[b]], w[b, :, first[b]])
+    assert not torch.equal(before, w)

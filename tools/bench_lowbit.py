@@ -21,7 +21,9 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - + GPTQ reconstruction: each layer rounded in closed form against its inputs' second moments
   (``reconstruct="gptq"``, fxq's default formats, no Hessian search), and the same with
   ``fit_clamps=True`` (ReLU6 outputs rescaled so the clamp is the top code), and each layer fitted on the
-  quantized model's inputs with its bias (``inputs="quantized"``; compile's "auto" bias correction is off).
+  quantized model's inputs with its bias (``inputs="quantized"``; compile's "auto" bias correction is off),
+  and that with each channel's weight step re-chosen by the output error of its rounding (``step_search=1``);
+- RAPQ reconstruction whose learned rounding starts from GPTQ's compensated weights (``init="gptq"``).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
 ``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
@@ -96,6 +98,11 @@ def methods(bits: dict, recon: dict) -> list[tuple[str, str, dict]]:
          {**bits, "fit_clamps": True, "reconstruct": {"mode": "gptq"}}),
         ("+ GPTQ reconstruction on quantized inputs (bias solved)", "shift-int",
          {**bits, "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
+        ("+ GPTQ reconstruction on quantized inputs (bias solved), weight step search ±1", "shift-int",
+         {**bits, "reconstruct": {"mode": "gptq", "inputs": "quantized", "step_search": 1}}),
+        ("+ RAPQ power-of-two reconstruction started from GPTQ, rounding lr 4e-3, checked bias correction, "
+         "activation step search ±1", "shift-int",
+         {**bits, **rapq, "reconstruct": {**new, "mode": "rapq", "act_search": 1, "init": "gptq"}}),
     ]
 
 

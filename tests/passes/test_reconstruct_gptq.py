@@ -12,6 +12,11 @@ import fxq
 from conftest import assert_three_executors, tiny
 from fxq.errors import CalibrationError, UnsupportedOp
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
+from fxq.context import CompileContext, ReconstructOptions
+from fxq.passes import PIPELINE, reconstruct
+from fxq.pipeline import run_passes
+from fxq.targets import get_target
+from fxq.trace import trace
 from passes.reconstruct_gptq import _Moments
 
 X = torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(7))
@@ -213,3 +218,80 @@ def test_inputs_option_is_checked():
         fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "inputs": "fp32"})
     with pytest.raises(CalibrationError, match="inputs.*mode 'gptq' only"):
         fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "rapq", "inputs": "quantized"})
+
+
+# --- step_search: each row's power of two chosen by the output error its OBQ rounding leaves ----------
+
+@pytest.mark.parametrize("name", ["inverted_residual", "residual"])
+def test_step_search_lowers_every_layers_output_error(name):
+    """The row's own step is among the candidates, so no layer's error on its float input can rise (the
+    searched layers keep the same inputs: the float model's)."""
+    kw = {"w_bits": 4, "a_bits": 8, "bias_correction": None, "progress": False}
+    plain = fxq.compile(tiny(name), X, "shift-int", reconstruct={"mode": "gptq", "samples": 48}, **kw)
+    searched = fxq.compile(tiny(name), X, "shift-int", reconstruct={"mode": "gptq", "samples": 48, "step_search": 1},
+                           **kw)
+    before, after = _layer_errors(plain, X), _layer_errors(searched, X)
+    assert all(after[n] <= before[n] * (1 + 1e-9) + 1e-15 for n in before)
+    assert sum(after.values()) < sum(before.values())
+    moved = [(a.w_fmt.frac_array - b.w_fmt.frac_array)
+             for a, b in zip(_weighted(plain), _weighted(searched))]
+    assert any(m.any() for m in moved) and all(np.abs(m).max() <= 1 for m in moved)
+    # the lowered graph carries the searched steps and runs bit-exactly
+    assert_three_executors(searched, X[:8])
+
+
+def _weighted(qm):
+    return [m for m in qm.fake.modules() if isinstance(m, _QWeighted)]
+
+
+def test_step_search_with_quantized_inputs_is_exact():
+    qm = fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
+                     reconstruct={"mode": "gptq", "inputs": "quantized", "step_search": 1})
+    assert_three_executors(qm, X[:8])
+
+
+def test_step_search_is_checked():
+    with pytest.raises(CalibrationError, match="step_search.*0..4"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "step_search": -1})
+    with pytest.raises(CalibrationError, match="step_search.*GPTQ rounding only"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "rapq", "step_search": 1})
+
+
+# --- init="gptq": learned rounding (AdaRound/RAPQ) that starts from GPTQ's compensated weights ---------
+
+def _fake(recon, name="inverted_residual"):
+    ctx = CompileContext(get_target("shift-int", w_bits=4, a_bits=4), X[:1], [X], progress=False,
+                         bias_correction=None, reconstruct=recon)
+    return run_passes(trace(tiny(name)), ctx, PIPELINE[: PIPELINE.index(reconstruct) + 1]), ctx
+
+
+def test_learned_rounding_starts_at_gptqs_codes():
+    """With a learning rate too small to move any V across 0, the hardened rounding is the nearest code
+    of each compensated value: GPTQ's own result, layer for layer."""
+    started, _ = _fake(ReconstructOptions(mode="adaround", init="gptq", iters=1, lr=1e-12, samples=48))
+    gptq, _ = _fake(ReconstructOptions(mode="gptq", samples=48))
+    pairs = list(zip(_weighted_gm(started), _weighted_gm(gptq)))
+    assert pairs and all(torch.equal(a.weight_q, b.weight_q) for a, b in pairs)
+
+
+def test_learned_rounding_from_gptq_improves_on_it_and_stays_exact():
+    """Training can move past GPTQ's codes (a block kept with a lower loss than GPTQ's start); a block it
+    does not improve is put back at GPTQ's codes."""
+    recon = {"mode": "adaround", "init": "gptq", "iters": 150, "samples": 48, "batch": 16}
+    _, ctx = _fake(ReconstructOptions(**recon), "residual")
+    assert any(h["kept"] and h["loss_after"] < h["loss_before"] for h in ctx.reconstruct_history)
+    qm = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
+                     bias_correction=None, reconstruct=recon)
+    assert any("reconstruct (adaround, from GPTQ)" in n for n in qm.notes)
+    assert_three_executors(qm, X[:8])
+
+
+def _weighted_gm(gm):
+    return [m for m in gm.modules() if isinstance(m, _QWeighted)]
+
+
+def test_init_is_checked():
+    with pytest.raises(CalibrationError, match="init.*one of"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "adaround", "init": "x"})
+    with pytest.raises(CalibrationError, match="init.*learned modes"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "init": "gptq"})
