@@ -74,7 +74,7 @@ from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
 
-from .reconstruct_gptq import reconstruct_gptq, round_on_float_inputs
+from .reconstruct_gptq import reconstruct_gptq, round_on_float_inputs, rounded_layers
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -300,8 +300,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     rec.snapped.add(first.target)                   # the cached inputs were quantized with its step
     if opts.init == "gptq":
         with torch.no_grad():
-            round_on_float_inputs(gm, ctx, x, {n: m for n, m in rec.modules.items() if isinstance(m, _QWeighted)},
-                                  updated=True)
+            round_on_float_inputs(gm, ctx, x, rounded_layers(gm), updated=True)
     xf = x
     xq = _run_chunks(gm.get_submodule(first.target), x)
     started = time.perf_counter()

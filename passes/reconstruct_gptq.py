@@ -110,6 +110,13 @@ class _CrossMoments:
         self.cov_xq = sc / n - self.mean_x[:, :, None] * self.mean_q[:, None, :]
 
 
+def rounded_layers(gm: fx.GraphModule) -> dict[str, _QWeighted]:
+    """The conv/linear layers GPTQ rounds, by module name; refuses, naming the node, what it cannot round."""
+    layers = {name: m for name, m in gm.named_modules() if isinstance(m, _QWeighted)}
+    _check(gm, layers)
+    return layers
+
+
 def _check(gm: fx.GraphModule, layers: dict) -> None:
     for node in gm.graph.nodes:
         m = layers.get(node.target) if node.op == "call_module" else None
@@ -184,8 +191,7 @@ def fit_layer(layer: _QWeighted, m: _CrossMoments, damp: float, acc_bits: int, s
 def reconstruct_gptq(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     opts = ctx.reconstruct
     started = time.perf_counter()
-    layers = {name: m for name, m in gm.named_modules() if isinstance(m, _QWeighted)}
-    _check(gm, layers)
+    layers = rounded_layers(gm)
     x = ctx.samples(opts.samples)
     with torch.no_grad():
         if opts.inputs == "quantized":
