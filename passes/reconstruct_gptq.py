@@ -146,21 +146,32 @@ def round_layer(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.
     same codes), for a learned rounding to start from."""
     g = hess.shape[0]
     rows = _rows(layer, layer.weight_q.detach(), g) if rows is None else rows.double()
+    frac = layer.w_fmt.frac_array.reshape(g, -1)
+    q, before = _obq(layer, hess, damp, rows, frac)
     if step_search:
-        frac = layer.w_fmt.frac_array.reshape(g, -1)
-        shifts = sorted(range(-step_search, step_search + 1), key=abs)     # ties keep the step it had
-        errs = torch.stack([_row_error(rows, _obq(layer, hess, damp, rows, frac - j), hess) for j in shifts])
-        best = frac - np.asarray(shifts)[errs.argmin(0).numpy()]
-        set_weight_frac(layer, best.reshape(-1), acc_bits)   # the bias cap may still coarsen a channel
-    q = _obq(layer, hess, damp, rows, layer.w_fmt.frac_array.reshape(g, -1), updated)
-    q = q[1] if updated else q
+        shifts = sorted(range(-step_search, step_search + 1), key=abs)     # 0 first: ties keep the step it had
+        tried = [(q, before)] + [_obq(layer, hess, damp, rows, frac - j) for j in shifts[1:]]
+        pick = torch.stack([_row_error(rows, t[0], hess) for t in tried]).argmin(0)
+        best = frac - np.asarray(shifts)[pick.numpy()]
+        set_weight_frac(layer, best.reshape(-1), acc_bits)
+        if np.array_equal(layer.w_fmt.frac_array.reshape(g, -1), best):
+            q, before = (_per_row(torch.stack([t[i] for t in tried]), pick) for i in (0, 1))
+        else:                                   # the bias cap coarsened a channel: round on the steps it left
+            q, before = _obq(layer, hess, damp, rows, layer.w_fmt.frac_array.reshape(g, -1))
+    q = before if updated else q
     layer.weight_q.copy_(q.reshape(layer.weight_q.shape).to(layer.weight_q.dtype))
 
 
-def _obq(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor, frac, updated: bool = False):
+def _obq(layer: _QWeighted, hess: torch.Tensor, damp: float, rows: torch.Tensor, frac):
+    """(rounded rows, compensated values before rounding) on the steps of fractional lengths ``frac``."""
     step = torch.from_numpy(step_of(frac, layer.w_fmt.mant_array.reshape(frac.shape)))
     rng = layer.w_fmt.range
-    return obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi, updated)
+    return obq_round(rows, damped(hess, damp), step, rng.lo, rng.hi, updated=True)
+
+
+def _per_row(stacked: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+    """From candidates [J, G, R, K], row (g, r) of candidate pick[g, r]."""
+    return stacked.gather(0, pick[None, :, :, None].expand(1, *stacked.shape[1:]))[0]
 
 
 def _row_error(rows: torch.Tensor, q: torch.Tensor, hess: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from torch import nn
 
 import fxq
 from conftest import assert_three_executors, tiny
+from fxq.context import CompileContext, ReconstructOptions
 from fxq.errors import CalibrationError, UnsupportedOp
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
-from fxq.context import CompileContext, ReconstructOptions
 from fxq.passes import PIPELINE, reconstruct
 from fxq.pipeline import run_passes
 from fxq.targets import get_target
@@ -234,14 +234,14 @@ def test_step_search_lowers_every_layers_output_error(name):
     assert all(after[n] <= before[n] * (1 + 1e-9) + 1e-15 for n in before)
     assert sum(after.values()) < sum(before.values())
     moved = [(a.w_fmt.frac_array - b.w_fmt.frac_array)
-             for a, b in zip(_weighted(plain), _weighted(searched))]
+             for a, b in zip(_weighted(plain.fake), _weighted(searched.fake))]
     assert any(m.any() for m in moved) and all(np.abs(m).max() <= 1 for m in moved)
     # the lowered graph carries the searched steps and runs bit-exactly
     assert_three_executors(searched, X[:8])
 
 
-def _weighted(qm):
-    return [m for m in qm.fake.modules() if isinstance(m, _QWeighted)]
+def _weighted(gm):
+    return [m for m in gm.modules() if isinstance(m, _QWeighted)]
 
 
 def test_step_search_with_quantized_inputs_is_exact():
@@ -270,7 +270,7 @@ def test_learned_rounding_starts_at_gptqs_codes():
     of each compensated value: GPTQ's own result, layer for layer."""
     started, _ = _fake(ReconstructOptions(mode="adaround", init="gptq", iters=1, lr=1e-12, samples=48))
     gptq, _ = _fake(ReconstructOptions(mode="gptq", samples=48))
-    pairs = list(zip(_weighted_gm(started), _weighted_gm(gptq)))
+    pairs = list(zip(_weighted(started), _weighted(gptq)))
     assert pairs and all(torch.equal(a.weight_q, b.weight_q) for a, b in pairs)
 
 
@@ -284,10 +284,6 @@ def test_learned_rounding_from_gptq_improves_on_it_and_stays_exact():
                      bias_correction=None, reconstruct=recon)
     assert any("reconstruct (adaround, from GPTQ)" in n for n in qm.notes)
     assert_three_executors(qm, X[:8])
-
-
-def _weighted_gm(gm):
-    return [m for m in gm.modules() if isinstance(m, _QWeighted)]
 
 
 def test_init_is_checked():
