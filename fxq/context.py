@@ -63,6 +63,15 @@ class ReconstructOptions:
     # "gptq": the weights as GPTQ compensated them before rounding (float-input moments, damp,
     # step_search), so training starts at GPTQ's codes and a block never ends worse than them.
     init: str = "float"
+    # modes "rapq"/"adaround": train a convolutional block on crops whose exact output is patch x patch
+    # pixels (fxq.patches) where its output map is at least twice that; 0: whole maps. The before/after
+    # losses stay whole-map. Buys iterations where maps are large (EfficientNet-Lite1's first blocks).
+    patch: int = 0
+    # modes "rapq"/"adaround": each block's loss is divided by its value before training and the rounding
+    # regulariser is averaged over the block's weights instead of summed, so λ weighs the same whatever
+    # the activations' magnitude (EfficientNet-Lite1's block losses are ~1e3, the zoo's ~1e-3, where λ =
+    # 0.01 summed leaves the first hardly regularised and the second all regulariser) and the layer sizes.
+    relative_loss: bool = False
 
     @property
     def solves_bias(self) -> bool:
@@ -87,6 +96,14 @@ class ReconstructOptions:
             bad("init", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' is the GPTQ rounding itself)")
         if self.step_search and self.mode != "gptq" and self.init != "gptq":
             bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq' (mode is {self.mode!r})")
+        if not isinstance(self.patch, int) or isinstance(self.patch, bool) or self.patch < 0:
+            bad("patch", "must be an integer >= 0 (output pixels per side; 0: whole maps)")
+        if self.patch and self.mode == "gptq":
+            bad("patch", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
+        if not isinstance(self.relative_loss, bool):
+            bad("relative_loss", "must be True or False")
+        if self.relative_loss and self.mode == "gptq":
+            bad("relative_loss", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
         for name in ("iters", "batch", "chain_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
-from .formats import int_range, mse_step, quantize_np, round_torch
+from .formats import ACC_RANGE, fake_quant, int_range, mse_step, quantize_np, round_torch
 
 ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 # A channel's relaxed exponent starts this far from its hard choice, on the side of the power-of-two
@@ -67,7 +67,7 @@ class SoftLayer(nn.Module):
     def __init__(self, layer: _QWeighted, learn_exponent: bool, per_tensor: bool = False, bn_stats=None):
         super().__init__()
         self.layer = layer
-        w = layer.weight_q.detach().float()
+        w = layer.weight_q.detach().float().clone()     # not a view: the write-back overwrites weight_q
         self.register_buffer("w", w)
         rng = layer.w_fmt.range
         self.lo, self.hi = float(rng.lo), float(rng.hi)
@@ -128,9 +128,18 @@ class SoftLayer(nn.Module):
         frac = (-(torch.log2(self.step().detach()))).round().reshape(-1).numpy().astype(np.int64)
         return np.broadcast_to(frac, (self.w.shape[0],))
 
+    def bias(self) -> torch.Tensor:
+        """The bias the integer layer adds: on the accumulator's grid, input step x this layer's weight
+        step (the learned one in rapq mode). At W4A4 that grid is coarse: training against the float bias
+        would fit a different block from the one that lowers."""
+        if self.s is None:
+            return self.layer.qbias()
+        frac = self.layer.in_frac - torch.log2(self.step().detach()).reshape(-1)   # pow2 only: in_mant is 1
+        return fake_quant(self.layer.bias_q.to(frac.dtype), frac, ACC_RANGE, self.layer.rounding)
+
     def forward(self, x):
         w = self.soft_weight().to(x.dtype)
-        b = self.layer.bias_q.to(x.dtype)
+        b = self.bias().to(x.dtype)
         if isinstance(self.layer, QConv2d):
             out = F.conv2d(x, w, b, self.layer.stride, self.layer.padding, self.layer.dilation, self.layer.groups)
         else:

@@ -39,6 +39,9 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   (the RAPQ code's normalisation; c = ``bn_p_coeff``, 0.1 in that code, 2.0 here so p spans (1, 3)
   around BRECQ's 2-2.4); p = 2 without a BN, or ``lp`` when set. Optional ``bn_match``: the
   quantized output of each folded layer is pulled towards its BN's per-channel mean and std.
+- ``patch`` = n > 0: a block made of convolutions, zero pads and pointwise ops whose output map is at
+  least 2n on a side trains on random crops of its cached maps whose exact output is n x n pixels
+  (fxq.patches); the loss of a crop is the whole map's at those pixels, at (crop / map)^2 of the cost.
 - QDrop (``qdrop`` = probability): during training each quantized activation, block input included,
   is replaced elementwise by its float value with that probability.
 
@@ -69,6 +72,7 @@ from fxq.blocks import Block, block_graph, split_blocks
 from fxq.context import CompileContext, ReconstructOptions
 from fxq.errors import CalibrationError, UnsupportedOp, describe_node
 from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
+from fxq.patches import PatchPlan, crop_output, plan_patches, receptive_field, sample_window, window
 from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
                          rectified_sigmoid, rounding_regulariser)
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
@@ -194,9 +198,16 @@ class _Reconstructor:
         acts.clear()
 
     # -- one block ---------------------------------------------------------------------------------
-    def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str) -> list[fx.Node]:
-        """Learns ``block`` and writes it back; returns its learned activation steps, one node per share
-        group."""
+    def patches(self, block: Block, xq: torch.Tensor, yf: torch.Tensor) -> PatchPlan | None:
+        if not self.opts.patch or xq.dim() != 4 or yf.dim() != 4:
+            return None
+        return plan_patches(receptive_field(self.gm, block), tuple(xq.shape[-2:]), tuple(yf.shape[-2:]),
+                            self.opts.patch)
+
+    def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str, plan: PatchPlan | None,
+              loss_before: float) -> list[fx.Node]:
+        """Learns ``block`` (on crops when ``plan``) and writes it back; returns its learned activation
+        steps, one node per share group."""
         opts = self.opts
         wrapped, acts, group_params = self._wrappers(block)
         learned = [node for node, _ in acts.values()]
@@ -208,6 +219,12 @@ class _Reconstructor:
             params.append({"params": list(group_params.values()), "lr": opts.act_lr})
         optimiser = torch.optim.Adam([g for g in params if g["params"]])
         p = _block_p(block, self.nodes_by_target, opts)
+        # relative_loss: the reconstruction error in units of the block's error before training, the
+        # regularisers averaged over the weights, so that λ weighs the same in every block and model.
+        rec_scale, reg_scale = 1.0, 1.0
+        if opts.relative_loss:
+            rec_scale = 1.0 / loss_before if loss_before > 0 else 1.0
+            reg_scale = 1.0 / sum(m.w.numel() for m in soft)
         warm = int(opts.warmup * iters)
         n = xq.shape[0]
         train.train()
@@ -218,15 +235,18 @@ class _Reconstructor:
                         m.harden_exponent()
                     self._snap_acts(acts, wrapped)
                 idx = torch.randint(0, n, (min(opts.batch, n),), generator=self.gen)
-                x = qdrop(xq[idx], xf[idx], opts.qdrop, self.gen)
-                out = train(x)
-                rec = _lp_loss(out, yf[idx], p)
+                xb, xfb, yb = xq[idx], xf[idx], yf[idx]
+                if plan is not None:
+                    rows, cols, out_rows, out_cols = sample_window(plan, self.gen)
+                    xb, xfb, yb = xb[..., rows, cols], xfb[..., rows, cols], yb[..., out_rows, out_cols]
+                out = train(qdrop(xb, xfb, opts.qdrop, self.gen))
+                rec = rec_scale * _lp_loss(out if plan is None else crop_output(out, plan), yb, p)
                 loss = rec
                 if it >= warm:
                     beta = opts.beta[0] + (opts.beta[1] - opts.beta[0]) * (it - warm) / max(iters - warm, 1)
-                    loss = loss + opts.rounding_weight * sum(rounding_regulariser(m.h(), beta) for m in soft)
+                    loss = loss + reg_scale * opts.rounding_weight * sum(rounding_regulariser(m.h(), beta) for m in soft)
                 elif self.learn_steps:
-                    loss = loss + opts.rounding_weight * sum(
+                    loss = loss + reg_scale * opts.rounding_weight * sum(
                         rounding_regulariser(rectified_sigmoid(m.s), opts.beta[0]) for m in soft if m.s is not None)
                 if opts.bn_match > 0:
                     loss = loss + opts.bn_match * sum(bn_match_loss(m) for m in soft if m.out_stats is not None)
@@ -312,11 +332,12 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         set_quantization(gm, True)
         p = _block_p(block, rec.nodes_by_target, opts)
         before = float(_lp_loss(_run_chunks(sub, xq[:_EVAL_SAMPLES]), yf[:_EVAL_SAMPLES], p))
+        plan = rec.patches(block, xq, yf)
         iters = opts.iters
         if opts.time_budget is not None:
-            iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i)
+            iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i, plan)
         saved = rec.snapshot(block)
-        learned = rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}")
+        learned = rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}", plan, before)
         with torch.no_grad():
             searched = rec.search_acts(block, learned, xq, yf, p)
             sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
@@ -331,9 +352,11 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             set_quantization(gm, True)
         xq = xq_next
         rec.history.append({"block": block.name, "layers": list(block.layers), "iters": iters, "p": p,
+                            "patch": None if plan is None else plan.size,
                             "loss_before": before, "loss_after": after, "kept": kept,
                             "act_steps_searched": searched if kept else []})
-        summary.append(f"{block.output.name} ({iters} it, p={p}): {before:.3g} -> {after:.3g}"
+        crops = "" if plan is None else f", {plan.size}px crops"
+        summary.append(f"{block.output.name} ({iters} it{crops}, p={p}): {before:.3g} -> {after:.3g}"
                        + ("" if kept else " (worse: reverted)")
                        + (f" [steps {', '.join(searched)}]" if searched and kept else ""))
     if opts.init == "gptq":                         # a reverted block still holds GPTQ's compensated values
@@ -349,7 +372,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return gm
 
 
-def _budgeted_iters(rec, block, xq, yf, opts, started, blocks_left) -> int:
+def _budgeted_iters(rec, block, xq, yf, opts, started, blocks_left, plan) -> int:
     """Iterations this block can afford: its share of the budget left, at the speed of a few trial steps."""
     left = opts.time_budget - (time.perf_counter() - started)
     if left <= 0:
@@ -360,8 +383,12 @@ def _budgeted_iters(rec, block, xq, yf, opts, started, blocks_left) -> int:
     train.train()
     t0 = time.perf_counter()
     trials = 3
+    x, y = xq[: opts.batch], yf[: opts.batch]
+    if plan is not None:                     # the first crop position: timing only, no draw from the seed
+        rows, cols, out_rows, out_cols = window(plan, (0, 0))
+        x, y = x[..., rows, cols], y[..., out_rows, out_cols]
     for _ in range(trials):
-        out = train(xq[: opts.batch])
-        _lp_loss(out, yf[: opts.batch], 2.0).backward()
+        out = train(x)
+        _lp_loss(out if plan is None else crop_output(out, plan), y, 2.0).backward()
     per_iter = (time.perf_counter() - t0) / trials
     return int(max(1, min(opts.iters, share / max(per_iter, 1e-6))))

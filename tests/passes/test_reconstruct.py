@@ -301,9 +301,72 @@ def test_block_returns_the_steps_it_learned_one_per_share_group():
     block = next(b for b in split_blocks(gm) if rec._wrappers(b)[1])
     groups = {key: node for key, (node, _) in rec._wrappers(block)[1].items()}
     xq, yf = _block_io(gm, block, X)
-    learned = rec.block(block, xq, xq, yf, 4, "test")
+    learned = rec.block(block, xq, xq, yf, 4, "test", None, 1.0)
     assert learned == list(groups.values())
     assert not rec._wrappers(block)[1]                                   # snapped: no step of it is learned again
+
+
+@pytest.mark.parametrize("mode", ["rapq", "adaround"])
+def test_relative_loss_is_the_absolute_loss_with_lambda_rescaled(mode):
+    """relative_loss divides the block loss by its value before training and averages the regulariser
+    over the block's weights: Adam sees the plain loss with λ·before/N, up to its eps and float ties, so
+    the codes come out (nearly) the same; with λ not rescaled they do not."""
+    import copy as copy_
+    from fxq.passes.reconstruct import _Reconstructor
+    base, ctx = fake_model(tiny("residual"), w_bits=4, a_bits=4)
+    block_index, before, lam = 1, 4.0, 0.05
+    n_weights = sum(base.get_submodule(t).weight.numel() for t in split_blocks(base)[block_index].layers)
+    runs = []
+    for opts in (ReconstructOptions(mode=mode, iters=80, relative_loss=True, rounding_weight=lam),
+                 ReconstructOptions(mode=mode, iters=80, rounding_weight=lam * before / n_weights),
+                 ReconstructOptions(mode=mode, iters=80, rounding_weight=lam)):
+        gm = copy_.deepcopy(base)
+        block = split_blocks(gm)[block_index]
+        rec = _Reconstructor(gm, ctx, opts)
+        xq, yf = _block_io(gm, block, X)
+        rec.block(block, xq, xq, yf, opts.iters, "test", None, before)
+        codes = torch.cat([gm.get_submodule(t).weight_q.flatten() for t in block.layers])
+        runs.append((codes, [gm.get_submodule(t).w_fmt for t in block.layers]))
+    start = torch.cat([base.get_submodule(t).weight_q.flatten() for t in block.layers])
+    relative, rescaled, plain = runs
+    assert (relative[0] != start).any()                                  # it learned something
+    assert relative[1] == rescaled[1]                                     # the same steps
+    same = float((relative[0] == rescaled[0]).float().mean())
+    assert same >= 0.99 and same > float((relative[0] == plain[0]).float().mean())
+
+
+def test_relative_loss_option_is_checked():
+    with pytest.raises(CalibrationError, match="relative_loss='yes'"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"relative_loss": "yes"})
+    with pytest.raises(CalibrationError, match="learned modes"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"relative_loss": True, "mode": "gptq"})
+
+
+@pytest.mark.parametrize("mode", ["rapq", "adaround"])
+def test_the_training_graph_is_the_block_that_lowers(mode):
+    """With the rounding hardened (and written back), a block's training graph without QDrop computes
+    what the fake-quant block computes, bit for bit: the bias included, which the integer layer adds on
+    the accumulator's grid (coarse at W4A4), not as the float it was."""
+    import torch.fx as fx
+    from fxq.blocks import block_graph
+    from fxq.passes.reconstruct import _Reconstructor
+    from fxq.relaxed import SoftLayer
+    gm, ctx = fake_model(tiny("inverted_residual"), w_bits=4, a_bits=4)
+    rec = _Reconstructor(gm, ctx, ReconstructOptions(mode=mode, qdrop=0.0, **QUICK))
+    coarse = 0
+    for block in split_blocks(gm):
+        wrapped, _, _ = rec._wrappers(block)
+        train = fx.GraphModule(wrapped, block_graph(block)).eval()
+        with torch.no_grad():
+            for m in wrapped.values():
+                if isinstance(m, SoftLayer):
+                    m.harden_exponent()
+                    m.V.copy_(torch.where(m.V >= 0, 100.0, -100.0))
+                    rec._write_back(m)
+                    coarse += int((m.layer.qbias() != m.layer.bias_q).any())
+            xq, _ = _block_io(gm, block, X)
+            assert torch.equal(train(xq), fx.GraphModule(gm, block_graph(block))(xq)), block.name
+    assert coarse                                   # the case that matters: a bias off its float value
 
 
 def test_act_search_option_is_checked():
