@@ -104,6 +104,13 @@ LOWBIT_CONFIGS = [
      "16-bit logits", "shift-int", "W4A4", {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True,
                                              "search": "hessian-activations", "out_bits": 16,
                                              "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
+    # 2026-12-03: the training graph's bias on the accumulator grid (fix), crops, and a loss relative to
+    # each block's start so that λ regularises at EfficientNet's loss scale (README: "What that was").
+    ("fxq shift-int W4A4 + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px crops, relative "
+     "loss, 16-bit logits", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
+      "reconstruct": {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
+                      "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
