@@ -13,7 +13,7 @@ from fxq.context import ReconstructOptions
 from fxq.errors import CalibrationError
 from fxq.fakequant import set_quantization
 from fxq.patches import crop_output, plan_patches, receptive_field, sample_window, window
-from test_reconstruct import X, fake_model
+from test_reconstruct import X, block_input, fake_model
 
 
 class Local(nn.Module):
@@ -42,17 +42,9 @@ def local(seed=0):
     return randomize_bn(Local(), seed)
 
 
-def _input_of(gm, block, x):
-    seen = {}
-    handle = gm.get_submodule(block.input.target).register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
-    with torch.no_grad():
-        gm(x)
-    handle.remove()
-    return seen["x"]
-
-
 def _spatial_blocks(gm):
-    return [(b, receptive_field(gm, b)) for b in split_blocks(gm) if receptive_field(gm, b) is not None]
+    fields = [(b, receptive_field(gm, b)) for b in split_blocks(gm)]
+    return [(b, f) for b, f in fields if f is not None]
 
 
 def test_the_field_is_each_output_pixels_exact_input_range():
@@ -63,7 +55,7 @@ def test_the_field_is_each_output_pixels_exact_input_range():
     assert len(blocks) >= 2
     set_quantization(gm, False)
     for block, field in blocks:
-        x = _input_of(gm, block, X).detach().requires_grad_(True)
+        x = block_input(gm, block, X).detach().requires_grad_(True)
         sub = fx.GraphModule(gm, block_graph(block))
         out = sub(x)
         j = (out.shape[-2] // 2, out.shape[-1] // 2)
@@ -81,7 +73,7 @@ def test_a_crop_reproduces_the_whole_map_output_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     checked = 0
     for block, field in _spatial_blocks(gm):
-        x = _input_of(gm, block, X[:8])
+        x = block_input(gm, block, X[:8])
         sub = fx.GraphModule(gm, block_graph(block))
         with torch.no_grad():
             full = sub(x)

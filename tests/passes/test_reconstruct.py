@@ -250,21 +250,27 @@ def test_snapshot_and_restore_put_a_block_back():
         assert torch.equal(gm(X[:8]), ref)
 
 
-def _block_io(gm, block, x):
-    """The block's quantized input (its input cut's output) and the float block's output on it."""
-    from fxq.blocks import block_graph
-    import torch.fx as fx
+def block_input(gm, block, x):
+    """The block's quantized input: its input cut's output when ``gm`` runs on ``x``."""
     seen = {}
     handle = gm.get_submodule(block.input.target).register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
     with torch.no_grad():
         gm(x)
     handle.remove()
+    return seen["x"]
+
+
+def _block_io(gm, block, x):
+    """The block's quantized input (its input cut's output) and the float block's output on it."""
+    from fxq.blocks import block_graph
+    import torch.fx as fx
+    xq = block_input(gm, block, x)
     sub = fx.GraphModule(gm, block_graph(block))
     set_quantization(gm, False)
     with torch.no_grad():
-        y = sub(seen["x"])
+        y = sub(xq)
     set_quantization(gm, True)
-    return seen["x"], y
+    return xq, y
 
 
 def test_activation_step_search_takes_the_neighbour_with_least_block_loss():
