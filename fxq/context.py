@@ -30,6 +30,18 @@ GPTQ_INPUTS = ("float", "quantized")
 RECONSTRUCT_INITS = ("float", "gptq")
 
 
+# ReconstructOptions' integer options: name, least, greatest (None: no bound), what the error says.
+_INTEGER_OPTIONS = (
+    ("iters", 1, None, "must be an integer >= 1"),
+    ("batch", 1, None, "must be an integer >= 1"),
+    ("chain_layers", 1, None, "must be an integer >= 1"),
+    ("samples", 0, None, "must be an integer >= 0 (0: every calibration sample)"),
+    ("act_search", 0, 4, "must be an integer in 0..4"),
+    ("step_search", 0, 4, "must be an integer in 0..4"),
+    ("patch", 0, None, "must be an integer >= 0 (output pixels per side; 0: whole maps)"),
+)
+
+
 @dataclass(frozen=True)
 class ReconstructOptions:
     mode: str = "rapq"
@@ -84,32 +96,24 @@ class ReconstructOptions:
             bad("mode", f"must be one of {RECONSTRUCT_MODES}")
         if self.inputs not in GPTQ_INPUTS:
             bad("inputs", f"must be one of {GPTQ_INPUTS}")
-        if self.inputs != "float" and self.mode != "gptq":
-            bad("inputs", f"applies to mode 'gptq' only (mode is {self.mode!r})")
-        if not isinstance(self.act_search, int) or isinstance(self.act_search, bool) or not 0 <= self.act_search <= 4:
-            bad("act_search", "must be an integer in 0..4")
-        if not isinstance(self.step_search, int) or isinstance(self.step_search, bool) or not 0 <= self.step_search <= 4:
-            bad("step_search", "must be an integer in 0..4")
         if self.init not in RECONSTRUCT_INITS:
             bad("init", f"must be one of {RECONSTRUCT_INITS}")
+        for name, low, high, why in _INTEGER_OPTIONS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+                bad(name, why)
+        if not isinstance(self.relative_loss, bool):
+            bad("relative_loss", "must be True or False")
+        # options that only one family of modes reads: set elsewhere, they would be silently ignored
+        if self.inputs != "float" and self.mode != "gptq":
+            bad("inputs", f"applies to mode 'gptq' only (mode is {self.mode!r})")
         if self.init != "float" and self.mode == "gptq":
             bad("init", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' is the GPTQ rounding itself)")
         if self.step_search and self.mode != "gptq" and self.init != "gptq":
             bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq' (mode is {self.mode!r})")
-        if not isinstance(self.patch, int) or isinstance(self.patch, bool) or self.patch < 0:
-            bad("patch", "must be an integer >= 0 (output pixels per side; 0: whole maps)")
-        if self.patch and self.mode == "gptq":
-            bad("patch", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
-        if not isinstance(self.relative_loss, bool):
-            bad("relative_loss", "must be True or False")
-        if self.relative_loss and self.mode == "gptq":
-            bad("relative_loss", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
-        for name in ("iters", "batch", "chain_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, "must be an integer >= 1")
-        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 0:
-            bad("samples", "must be an integer >= 0 (0: every calibration sample)")
+        for name in ("patch", "relative_loss"):
+            if getattr(self, name) and self.mode == "gptq":
+                bad(name, "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
         if self.time_budget is not None and not (isinstance(self.time_budget, (int, float)) and self.time_budget > 0):
             bad("time_budget", "must be None or a positive number of seconds")
         for name in ("lr", "exp_lr", "act_lr", "bn_p_coeff"):
