@@ -84,6 +84,12 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int + clamp fit + activation Hessian search + GPTQ reconstruction on quantized inputs, 16-bit logits",
      "shift-int", "W8A8", {"fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
                            "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
+    # 2026-12-03: the W4A4 row's AdaRound from GPTQ (crops, relative loss) at W8A8.
+    ("fxq shift-int + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px crops, relative loss, "
+     "16-bit logits", "shift-int", "W8A8",
+     {"fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
+      "reconstruct": {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
+                      "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
