@@ -58,6 +58,10 @@ EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
 # lr 4e-3, act_search 1).
 _RECON = {"samples": 128, "batch": 8, "time_budget": 1200}
 _RECON_1E3 = {**_RECON, "lr": 1e-3}
+# AdaRound from GPTQ's codes on 12px crops with a loss relative to each block's start, λ at that scale
+# (README: EfficientNet-Lite1, "What that was").
+_ADAROUND_CROPS = {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
+                   "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}
 LOWBIT_CONFIGS = [
     ("fxq shift-int naive (no-clip exponents, no bias correction)", "shift-int", "W8A8",
      {"exp_search_radius": 0, "bias_correction": None}),
@@ -88,8 +92,7 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px crops, relative loss, "
      "16-bit logits", "shift-int", "W8A8",
      {"fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
-      "reconstruct": {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
-                      "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}}),
+      "reconstruct": _ADAROUND_CROPS}),
     ("fxq shift-int W4A4 naive", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
     ("fxq shift-int W4A4 + Hessian search + RAPQ reconstruction", "shift-int", "W4A4",
@@ -115,8 +118,7 @@ LOWBIT_CONFIGS = [
     ("fxq shift-int W4A4 + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px crops, relative "
      "loss, 16-bit logits", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
-      "reconstruct": {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
-                      "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}}),
+      "reconstruct": _ADAROUND_CROPS}),
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
