@@ -164,12 +164,13 @@ class _QWeighted(nn.Module):
     def set_input_format(self, fmt: ActFormat) -> None:
         self.in_frac, self.in_mant = int(fmt.frac), int(fmt.mant)
 
-    def qbias(self) -> torch.Tensor:
-        """The bias at the accumulator's step (input step x weight step), saturated to int32."""
+    def qbias(self, w_frac: torch.Tensor | None = None) -> torch.Tensor:
+        """The bias at the accumulator's step (input step x weight step), saturated to int32. ``w_frac``:
+        per-channel weight fractional lengths other than the layer's own (reconstruct's learned ones)."""
         if not self.enabled:
             return self.bias
         b = self.bias_q.to(self.bias.dtype)
-        frac = (self.w_frac + self.in_frac).to(b.dtype)
+        frac = ((self.w_frac if w_frac is None else w_frac) + self.in_frac).to(b.dtype)
         if self.in_mant == 1 and self.w_fmt.mant_array.max() == 1:
             return fake_quant(b, frac, ACC_RANGE, self.rounding)
         return fake_quant(b, frac, ACC_RANGE, self.rounding, mant=(self.w_mant * self.in_mant).to(b.dtype))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
-from .formats import ACC_RANGE, fake_quant, int_range, mse_step, quantize_np, round_torch
+from .formats import int_range, mse_step, quantize_np, round_torch
 
 ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 # A channel's relaxed exponent starts this far from its hard choice, on the side of the power-of-two
@@ -134,8 +134,7 @@ class SoftLayer(nn.Module):
         would fit a different block from the one that lowers."""
         if self.s is None:
             return self.layer.qbias()
-        frac = self.layer.in_frac - torch.log2(self.step().detach()).reshape(-1)   # pow2 only: in_mant is 1
-        return fake_quant(self.layer.bias_q.to(frac.dtype), frac, ACC_RANGE, self.layer.rounding)
+        return self.layer.qbias(w_frac=-torch.log2(self.step().detach()).reshape(-1))
 
     def forward(self, x):
         w = self.soft_weight().to(x.dtype)
