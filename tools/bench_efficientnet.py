@@ -131,6 +131,17 @@ LOWBIT_CONFIGS = [
      "loss, 16-bit logits", "shift-int", "W2A4",
      {"w_bits": 2, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
       "reconstruct": _ADAROUND_CROPS}),
+    ("fxq shift-int W2A4 + Hessian search + RAPQ reconstruction", "shift-int", "W2A4",
+     {"w_bits": 2, "a_bits": 4, **EDGES, "search": "hessian", "bias_correction": "weights",
+      "reconstruct": _RECON_1E3}),
+] + [
+    # 2026-12-03: the float-scale reference at each bit width: the AdaRound-from-GPTQ rows' options on the int8
+    # target (per-channel dyadic weight scales, affine activations), so only the scales differ.
+    (f"fxq int8 (float dyadic scales) {bits} + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px "
+     "crops, relative loss, 16-bit logits", "int8", bits,
+     {**widths, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16, "reconstruct": _ADAROUND_CROPS})
+    for bits, widths in [("W8A8", {}), ("W4A4", {"w_bits": 4, "a_bits": 4, **EDGES}),
+                         ("W2A4", {"w_bits": 2, "a_bits": 4, **EDGES})]
 ]
 BATCH = 16
 # ORT's histogram calibrators (Percentile, Entropy) hold every intermediate output of every calibration
