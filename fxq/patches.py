@@ -118,6 +118,13 @@ def sample_window(plan: PatchPlan, gen: torch.Generator) -> tuple[slice, slice, 
     return window(plan, tuple(int(torch.randint(0, plan.starts[a], (1,), generator=gen)) for a in (0, 1)))
 
 
+def crop_batch(win: tuple[slice, slice, slice, slice], inputs: tuple[torch.Tensor, ...],
+               target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``inputs`` cut to a window's input pixels and ``target`` to its exact output pixels."""
+    rows, cols, out_rows, out_cols = win
+    return tuple(x[..., rows, cols] for x in inputs), target[..., out_rows, out_cols]
+
+
 def crop_output(out: torch.Tensor, plan: PatchPlan) -> torch.Tensor:
     """The exact pixels of a block's output on a crop."""
     r, c = plan.skip

@@ -72,7 +72,7 @@ from fxq.blocks import Block, block_graph, split_blocks
 from fxq.context import CompileContext, ReconstructOptions
 from fxq.errors import CalibrationError, UnsupportedOp, describe_node
 from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
-from fxq.patches import PatchPlan, crop_output, plan_patches, receptive_field, sample_window, window
+from fxq.patches import PatchPlan, crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
 from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
                          rectified_sigmoid, rounding_regulariser)
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
@@ -205,7 +205,7 @@ class _Reconstructor:
                             self.opts.patch)
 
     def block(self, block: Block, xq, xf, yf, iters: int, bar_desc: str, plan: PatchPlan | None,
-              loss_before: float) -> list[fx.Node]:
+              p: float, loss_before: float) -> list[fx.Node]:
         """Learns ``block`` (on crops when ``plan``) and writes it back; returns its learned activation
         steps, one node per share group."""
         opts = self.opts
@@ -218,7 +218,6 @@ class _Reconstructor:
             params.append({"params": [m.s for m in soft if m.s is not None], "lr": opts.exp_lr})
             params.append({"params": list(group_params.values()), "lr": opts.act_lr})
         optimiser = torch.optim.Adam([g for g in params if g["params"]])
-        p = _block_p(block, self.nodes_by_target, opts)
         # relative_loss: the reconstruction error in units of the block's error before training, the
         # regularisers averaged over the weights, so that λ weighs the same in every block and model.
         rec_scale, reg_scale = 1.0, 1.0
@@ -237,8 +236,7 @@ class _Reconstructor:
                 idx = torch.randint(0, n, (min(opts.batch, n),), generator=self.gen)
                 xb, xfb, yb = xq[idx], xf[idx], yf[idx]
                 if plan is not None:
-                    rows, cols, out_rows, out_cols = sample_window(plan, self.gen)
-                    xb, xfb, yb = xb[..., rows, cols], xfb[..., rows, cols], yb[..., out_rows, out_cols]
+                    (xb, xfb), yb = crop_batch(sample_window(plan, self.gen), (xb, xfb), yb)
                 out = train(qdrop(xb, xfb, opts.qdrop, self.gen))
                 rec = rec_scale * _lp_loss(out if plan is None else crop_output(out, plan), yb, p)
                 loss = rec
@@ -337,7 +335,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if opts.time_budget is not None:
             iters = _budgeted_iters(rec, block, xq, yf, opts, started, len(blocks) - i, plan)
         saved = rec.snapshot(block)
-        learned = rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}", plan, before)
+        learned = rec.block(block, xq, xf, yf, iters, f"fxq reconstruct {i + 1}/{len(blocks)}", plan, p, before)
         with torch.no_grad():
             searched = rec.search_acts(block, learned, xq, yf, p)
             sub = _block_fn(gm, block)               # the hardened block, through the real fake-quant modules
@@ -385,8 +383,7 @@ def _budgeted_iters(rec, block, xq, yf, opts, started, blocks_left, plan) -> int
     trials = 3
     x, y = xq[: opts.batch], yf[: opts.batch]
     if plan is not None:                     # the first crop position: timing only, no draw from the seed
-        rows, cols, out_rows, out_cols = window(plan, (0, 0))
-        x, y = x[..., rows, cols], y[..., out_rows, out_cols]
+        (x,), y = crop_batch(window(plan, (0, 0)), (x,), y)
     for _ in range(trials):
         out = train(x)
         _lp_loss(out if plan is None else crop_output(out, plan), y, 2.0).backward()

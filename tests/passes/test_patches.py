@@ -12,7 +12,7 @@ from fxq.blocks import block_graph, split_blocks
 from fxq.context import ReconstructOptions
 from fxq.errors import CalibrationError
 from fxq.fakequant import set_quantization
-from fxq.patches import crop_output, plan_patches, receptive_field, sample_window, window
+from fxq.patches import crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
 from test_reconstruct import X, block_input, fake_model
 
 
@@ -80,10 +80,11 @@ def test_a_crop_reproduces_the_whole_map_output_bit_for_bit():
             plan = plan_patches(field, tuple(x.shape[-2:]), tuple(full.shape[-2:]), 3)
             assert plan is not None
             corners = [window(plan, (0, 0)), window(plan, (plan.starts[0] - 1, plan.starts[1] - 1))]
-            for rows, cols, out_rows, out_cols in corners + [sample_window(plan, gen) for _ in range(10)]:
-                patch = crop_output(sub(x[..., rows, cols]), plan)
+            for win in corners + [sample_window(plan, gen) for _ in range(10)]:
+                (crop,), target = crop_batch(win, (x,), full)      # what reconstruct trains on
+                patch = crop_output(sub(crop), plan)
                 assert patch.shape[-2:] == (3, 3)
-                assert torch.equal(patch, full[..., out_rows, out_cols]), block.name
+                assert torch.equal(patch, target), block.name
                 checked += 1
     assert checked >= 24
 

@@ -307,7 +307,7 @@ def test_block_returns_the_steps_it_learned_one_per_share_group():
     block = next(b for b in split_blocks(gm) if rec._wrappers(b)[1])
     groups = {key: node for key, (node, _) in rec._wrappers(block)[1].items()}
     xq, yf = _block_io(gm, block, X)
-    learned = rec.block(block, xq, xq, yf, 4, "test", None, 1.0)
+    learned = rec.block(block, xq, xq, yf, 4, "test", None, 2.0, 1.0)
     assert learned == list(groups.values())
     assert not rec._wrappers(block)[1]                                   # snapped: no step of it is learned again
 
@@ -318,7 +318,7 @@ def test_relative_loss_is_the_absolute_loss_with_lambda_rescaled(mode):
     over the block's weights: Adam sees the plain loss with λ·before/N, up to its eps and float ties, so
     the codes come out (nearly) the same; with λ not rescaled they do not."""
     import copy as copy_
-    from fxq.passes.reconstruct import _Reconstructor
+    from fxq.passes.reconstruct import _Reconstructor, _block_p
     base, ctx = fake_model(tiny("residual"), w_bits=4, a_bits=4)
     block_index, before, lam = 1, 4.0, 0.05
     n_weights = sum(base.get_submodule(t).weight.numel() for t in split_blocks(base)[block_index].layers)
@@ -330,7 +330,7 @@ def test_relative_loss_is_the_absolute_loss_with_lambda_rescaled(mode):
         block = split_blocks(gm)[block_index]
         rec = _Reconstructor(gm, ctx, opts)
         xq, yf = _block_io(gm, block, X)
-        rec.block(block, xq, xq, yf, opts.iters, "test", None, before)
+        rec.block(block, xq, xq, yf, opts.iters, "test", None, _block_p(block, rec.nodes_by_target, opts), before)
         codes = torch.cat([gm.get_submodule(t).weight_q.flatten() for t in block.layers])
         runs.append((codes, [gm.get_submodule(t).w_fmt for t in block.layers]))
     start = torch.cat([base.get_submodule(t).weight_q.flatten() for t in block.layers])
