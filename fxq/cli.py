@@ -1,6 +1,7 @@
 """The ``fxq`` command line: demo, compile, show, export, report, targets."""
 from __future__ import annotations
 
+import ast
 import importlib
 import sys
 import time
@@ -30,13 +31,27 @@ def _load_model(spec: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _parse_overrides(items: tuple[str, ...]) -> dict:
+_WORDS = {"true": True, "false": False, "none": None}
+
+
+def _parse_value(text: str):
+    """A Python literal (``4``, ``1e-3``, ``True``, ``(20, 2)``; ``true``/``false``/``none`` too), else the
+    text itself, so that ``rounding=nearest`` needs no quotes."""
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_overrides(items: tuple[str, ...], option: str = "--set", example: str = "w_bits=4") -> dict:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"override {item!r} must look like name=value (e.g. w_bits=4)")
-        out[key] = int(value) if value.lstrip("-").isdigit() else value
+        if not sep or not key:
+            raise click.BadParameter(f"{option} {item!r} must look like name=value (e.g. {example})")
+        out[key.strip()] = _parse_value(value.strip())
     return out
 
 
@@ -60,13 +75,22 @@ _reconstruct_options = [
                  help="Reconstruction iterations per block (default: fxq's)."),
     click.option("--recon-budget", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Reconstruction time budget in seconds for the whole model."),
+    click.option("--recon-set", "recon_overrides", multiple=True,
+                 help="Any other reconstruction option (fxq.ReconstructOptions), e.g. --recon-set init=gptq "
+                      "(repeatable)."),
 ]
 
 
-def _reconstruct_arg(mode: str, iters, budget):
+def _reconstruct_arg(mode: str, iters, budget, overrides: tuple[str, ...] = ()):
+    extra = _parse_overrides(overrides, "--recon-set", "init=gptq")
     if mode == "off":
+        if extra:
+            raise click.UsageError(f"--recon-set {sorted(extra)} needs --reconstruct rapq, adaround or gptq")
         return None
-    opts = {"mode": mode}
+    for key, given in (("mode", "--reconstruct"), ("iters", "--recon-iters"), ("time_budget", "--recon-budget")):
+        if key in extra:
+            raise click.UsageError(f"--recon-set {key}=... : use {given}")
+    opts = {"mode": mode, **extra}
     if iters is not None:
         opts["iters"] = iters
     if budget is not None:
@@ -147,13 +171,15 @@ def demo(model_name, target, calib, seed, quiet):
 @_reconstruct_options[0]
 @_reconstruct_options[1]
 @_reconstruct_options[2]
+@_reconstruct_options[3]
 @click.option("--quiet", is_flag=True)
 def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_shape, input_range, overrides,
-                bias_correction, search, reconstruct, recon_iters, recon_budget, quiet):
+                bias_correction, search, reconstruct, recon_iters, recon_budget, recon_overrides, quiet):
     """Compile MODEL_SPEC (a zoo name or module:attribute) and save it."""
     from fxq import zoo
-    model = _load_model(model_spec)
     kwargs = _parse_overrides(overrides)
+    recon = _reconstruct_arg(reconstruct, recon_iters, recon_budget, recon_overrides)
+    model = _load_model(model_spec)
     if data_free:
         if input_shape:
             kwargs["input_shape"] = tuple(int(v) for v in input_shape.split(","))
@@ -169,8 +195,7 @@ def compile_cmd(model_spec, output, target, calib, calib_npy, data_free, input_s
     else:
         raise click.UsageError("give --calib-npy FILE or --data-free for a model outside the zoo")
     qm = fxq.compile(model, data, target=target, progress=not quiet, bias_correction=_bc(bias_correction),
-                     search=_bc(search), reconstruct=_reconstruct_arg(reconstruct, recon_iters, recon_budget),
-                     **kwargs)
+                     search=_bc(search), reconstruct=recon, **kwargs)
     qm.save(output)
     click.echo(f"saved {output}: {len(qm.ir.nodes)} IR nodes, target {target}")
     for note in qm.notes:

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 import fxq
 
 from fxq.cli import main
+from fxq.errors import CalibrationError
 
 
 def small_model():
@@ -123,3 +124,33 @@ def test_compile_reconstruct_options(tmp_path):
     r = CliRunner().invoke(main, ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib),
                                   "--reconstruct", "rapq", "--recon-iters", "0"])
     assert r.exit_code == 2 and "--recon-iters" in r.output
+
+
+def test_set_and_recon_set_values_are_python_literals():
+    from fxq.cli import _parse_overrides
+    got = _parse_overrides(("w_bits=4", "fit_clamps=True", "out_bits = 16", "lr=1e-3", "beta=(20, 2)",
+                            "rounding=nearest", "relative_loss=false", "lp=none"))
+    assert got == {"w_bits": 4, "fit_clamps": True, "out_bits": 16, "lr": 1e-3, "beta": (20, 2),
+                   "rounding": "nearest", "relative_loss": False, "lp": None}
+    assert type(got["fit_clamps"]) is bool and type(got["lr"]) is float
+
+
+def test_compile_recon_set(tmp_path):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    out = tmp_path / "m.fxq"
+    base = ["compile", "test_cli:small_model", "-o", str(out), "--calib-npy", str(calib), "--set", "w_bits=4", "--quiet"]
+    r = CliRunner().invoke(main, base + ["--reconstruct", "adaround", "--recon-iters", "3", "--recon-set", "init=gptq",
+                                         "--recon-set", "relative_loss=true", "--recon-set", "rounding_weight=100"])
+    assert r.exit_code == 0, r.output
+    assert any(n.startswith("reconstruct (adaround, from GPTQ)") and "(3 it" in n for n in fxq.load(out).notes)
+    r = CliRunner().invoke(main, base + ["--recon-set", "init=gptq"])              # no --reconstruct
+    assert r.exit_code == 2 and "needs --reconstruct" in r.output
+    r = CliRunner().invoke(main, base + ["--reconstruct", "rapq", "--recon-set", "iters=5"])
+    assert r.exit_code == 2 and "--recon-iters" in r.output
+    r = CliRunner().invoke(main, base + ["--reconstruct", "rapq", "--recon-set", "init"])
+    assert r.exit_code == 2 and "name=value" in r.output
+    r = CliRunner().invoke(main, base + ["--reconstruct", "rapq", "--recon-set", "temperature=3"])
+    assert isinstance(r.exception, CalibrationError) and "temperature" in str(r.exception)
+    r = CliRunner().invoke(main, base + ["--reconstruct", "rapq", "--recon-set", "relative_loss=maybe"])
+    assert isinstance(r.exception, CalibrationError) and "relative_loss='maybe'" in str(r.exception)
