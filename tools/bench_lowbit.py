@@ -159,7 +159,9 @@ def recovered(rows: list[dict]) -> list[str]:
     return out
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], meta: dict, list_parts: bool = True) -> str:
+    """The table and its footer. A merged table's part commands are listed only with ``list_parts``
+    (docs/bench_lowbit.md); the README's copy points there."""
     out = ["| model | bits | method | accuracy % | Δ vs FP32 | compile s | exact % |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = f"{r['exact']:.2f}" if r["exact"] is not None else "–"
@@ -173,6 +175,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} "
             f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} images, "
             f"calibration: {meta['calib_images']} training images."]
+    if meta.get("parts"):
+        out[-1] = (f"Measured {meta['date']} in {len(meta['parts'])} runs of tools/bench_lowbit.py, one per part, "
+                   f"merged with `{meta['command']}` (the first part with a row gives it) on {meta['machine']} "
+                   f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} "
+                   f"images, calibration: {meta['calib_images']} training images. "
+                   + ("Each part's command:" if list_parts else "Each part's command: docs/bench_lowbit.md."))
+        if list_parts:
+            out += [""] + [f"- {part}: `{cmd}`" for part, cmd in meta["parts"]]
     return "\n".join(out)
 
 
@@ -242,15 +252,20 @@ def merge(parts: list[Path], out: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     rows.sort(key=lambda r: (models.index(r["model"]), order[r["bits"]], labels.index(r["method"])))
     meta = dict(loaded[0]["meta"])
-    meta["recon"] = "; ".join(
-        f"{d['meta']['recon']} ({' '.join(dict.fromkeys(r['model'] + ' ' + r['bits'] for r in d['rows'] if r['bits'] != 'W32A32'))})"
-        for d in loaded)
-    meta["command"] = "`; `".join(d["meta"]["command"] for d in loaded) + "`, then `python tools/bench_lowbit.py --merge " \
-        + " ".join(str(p.relative_to(ROOT)) if p.is_absolute() else str(p) for p in parts)
+    recon: dict[str, list[str]] = {}                 # each distinct reconstruction setting, with its runs
+    for d in loaded:
+        runs = recon.setdefault(d["meta"]["recon"], [])
+        runs += [k for k in dict.fromkeys(f"{r['model']} {r['bits']}" for r in d["rows"] if r["bits"] != "W32A32")
+                 if k not in runs]
+    meta["recon"] = next(iter(recon)) if len(recon) == 1 else "; ".join(
+        f"{text} ({', '.join(runs)})" for text, runs in recon.items())
+    names = [str(p.relative_to(ROOT)) if p.is_absolute() else str(p) for p in parts]
+    meta["parts"] = [(Path(n).stem.removeprefix("bench_lowbit_"), d["meta"]["command"]) for n, d in zip(names, loaded)]
+    meta["command"] = "python tools/bench_lowbit.py --merge " + " ".join(names)
     meta["date"] = ", ".join(sorted({d["meta"]["date"] for d in loaded}))
-    md = markdown(rows, meta)
     (out / "bench_lowbit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "bench_lowbit.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
+    (out / "bench_lowbit.md").write_text("# fxq low-bit benchmark\n\n" + markdown(rows, meta) + "\n")
+    md = markdown(rows, meta, list_parts=False)
     write_readme_block(md, README_BEGIN, README_END)
     print(md)
 
