@@ -27,7 +27,10 @@ RECONSTRUCT_MODES = ("rapq", "adaround", "gptq")
 # the quantized model's, upstream layers already rounded, against the float layer's output on the float
 # inputs, the bias solved with the weights (passes/reconstruct_gptq).
 GPTQ_INPUTS = ("float", "quantized")
-RECONSTRUCT_INITS = ("float", "gptq")
+# Where learned rounding starts: "float" AdaRound's h(V) = frac(W/Δ); "gptq" the same on GPTQ's
+# compensated weights (the soft weights start at those values); "gptq-codes" h(V) within a margin of
+# GPTQ's codes (the soft weights start next to the rounding GPTQ chose).
+RECONSTRUCT_INITS = ("float", "gptq", "gptq-codes")
 
 
 # ReconstructOptions' integer options: name, least, greatest (None: no bound), what the error says.
@@ -86,6 +89,11 @@ class ReconstructOptions:
     relative_loss: bool = False
 
     @property
+    def from_gptq(self) -> bool:
+        """Learned rounding that starts from GPTQ's (before the first block, weights become GPTQ's)."""
+        return self.init in ("gptq", "gptq-codes")
+
+    @property
     def solves_bias(self) -> bool:
         return self.mode == "gptq" and self.inputs == "quantized"
 
@@ -109,7 +117,10 @@ class ReconstructOptions:
             bad("inputs", f"applies to mode 'gptq' only (mode is {self.mode!r})")
         if self.init != "float" and self.mode == "gptq":
             bad("init", "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' is the GPTQ rounding itself)")
-        if self.step_search and self.mode != "gptq" and self.init != "gptq":
+        if self.init == "gptq-codes" and self.mode != "adaround":
+            bad("init", f"applies to mode 'adaround' only (mode is {self.mode!r}: it learns the steps, and GPTQ's "
+                        f"codes belong to the steps it started from)")
+        if self.step_search and self.mode != "gptq" and not self.from_gptq:
             bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq' (mode is {self.mode!r})")
         for name in ("patch", "relative_loss"):
             if getattr(self, name) and self.mode == "gptq":

@@ -25,6 +25,9 @@ ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reach
 # which at 4 bits and below puts many channels on the clipping side; measured on the test models, its
 # 30-500 iterations of exponent learning do not recover them.)
 EXP_INIT_MARGIN = 0.25
+# init="gptq-codes": h(V) starts this far from the code GPTQ chose (0.1 or 0.9), where the rectified
+# sigmoid still passes a gradient; the soft weights start within a tenth of a step of GPTQ's.
+CODE_INIT_MARGIN = 0.1
 
 
 def _coarser_is_better(rows: np.ndarray, e0: np.ndarray, rng) -> np.ndarray:
@@ -64,7 +67,8 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 class SoftLayer(nn.Module):
     """A QConv2d/QLinear whose rounding (and, in rapq mode, per-channel exponent) is learned."""
 
-    def __init__(self, layer: _QWeighted, learn_exponent: bool, per_tensor: bool = False, bn_stats=None):
+    def __init__(self, layer: _QWeighted, learn_exponent: bool, per_tensor: bool = False, bn_stats=None,
+                 at_codes: bool = False):
         super().__init__()
         self.layer = layer
         w = layer.weight_q.detach().float().clone()     # not a view: the write-back overwrites weight_q
@@ -83,7 +87,13 @@ class SoftLayer(nn.Module):
             self.s = None
         self.hard_exponent = not learn_exponent
         step = self.step()
-        self.V = nn.Parameter(inverse_rectified_sigmoid(w / step - torch.floor(w / step)))
+        h0 = w / step - torch.floor(w / step)
+        if at_codes:              # next to the codes the layer rounds to now (GPTQ's), not at its values
+            if learn_exponent:
+                raise ValueError("at_codes needs the layer's own step (learn_exponent=False)")
+            up = layer.qweight().detach().float() / step - torch.floor(w / step) >= 0.5
+            h0 = torch.where(up, 1.0 - CODE_INIT_MARGIN, CODE_INIT_MARGIN)
+        self.V = nn.Parameter(inverse_rectified_sigmoid(h0))
         self.bn = bn_stats
         self.out_stats = None
 

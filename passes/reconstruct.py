@@ -30,9 +30,14 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
 - mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
   reference); only the rounding is learned.
 - ``init="gptq"``: before the first block, every layer's ``weight_q`` becomes GPTQ's compensated weights
-  (float-input moments; the values OBQ rounded to nearest), so AdaRound's h(V) = frac(W/Δ) starts at
-  GPTQ's codes and each block's "before" loss is GPTQ's; at the end every weight is put on its grid (a
-  reverted block keeps GPTQ's codes). Mode "rapq" still learns the exponents, from those weights.
+  (float-input moments; the values OBQ rounded to nearest), so the soft weights h(V) = frac(W/Δ) start
+  at those values, which round to GPTQ's codes, and each block's "before" loss is GPTQ's; at the end
+  every weight is put on its grid (a reverted block keeps GPTQ's codes). Mode "rapq" still learns the
+  exponents, from those weights. The soft start is not GPTQ's solution: each compensated value
+  corrects the rounding errors of the columns rounded before it, and in the soft forward those columns
+  are not rounded.
+  ``init="gptq-codes"`` (mode "adaround") starts h(V) at 0.1 or 0.9 on the side of GPTQ's code, so
+  the soft weights start next to the codes themselves.
 - mode "gptq": no blocks and no training; each conv/linear is rounded in closed form against its
   inputs' second moments (passes/reconstruct_gptq, fxq.obq). Steps stay as chosen.
 - p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
@@ -142,7 +147,8 @@ class _Reconstructor:
             if isinstance(m, _QWeighted):
                 bn = node.meta.get(meta.BN_STATS) if opts.bn_match > 0 else None
                 wrapped[node.target] = SoftLayer(m, self.learn_steps, self.per_tensor and
-                                                  m.w_fmt.bits == self.ctx.target.w_bits, bn)
+                                                  m.w_fmt.bits == self.ctx.target.w_bits, bn,
+                                                  at_codes=opts.init == "gptq-codes")
             elif isinstance(m, FakeQuant) and self._learnable(node, inside):
                 group = share_group(self.gm, node)
                 key = group[0].target
@@ -316,7 +322,7 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise UnsupportedOp(f"{describe_node(first)}: reconstruct expects the first cut to quantize the model "
                             f"input directly")
     rec.snapped.add(first.target)                   # the cached inputs were quantized with its step
-    if opts.init == "gptq":
+    if opts.from_gptq:
         with torch.no_grad():
             round_on_float_inputs(gm, ctx, x, rounded_layers(gm), updated=True)
     xf = x
@@ -357,14 +363,14 @@ def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         summary.append(f"{block.output.name} ({iters} it{crops}, p={p}): {before:.3g} -> {after:.3g}"
                        + ("" if kept else " (worse: reverted)")
                        + (f" [steps {', '.join(searched)}]" if searched and kept else ""))
-    if opts.init == "gptq":                         # a reverted block still holds GPTQ's compensated values
+    if opts.from_gptq:                              # a reverted block still holds GPTQ's compensated values
         with torch.no_grad():
             for m in rec.modules.values():
                 if isinstance(m, _QWeighted):
                     m.weight_q.copy_(m.qweight())
     sync_weight_meta(gm)
     ctx.reconstruct_history = rec.history
-    start = ", from GPTQ" if opts.init == "gptq" else ""
+    start = {"gptq": ", from GPTQ", "gptq-codes": ", from GPTQ's codes"}.get(opts.init, "")
     ctx.note(f"reconstruct ({opts.mode}{start}): {len(blocks)} block(s) on {x.shape[0]} calibration samples in "
              f"{time.perf_counter() - started:.0f} s; block loss before -> after: " + "; ".join(summary))
     return gm

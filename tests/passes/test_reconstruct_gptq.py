@@ -2,6 +2,8 @@
 the integer graph it leaves (on the grid, exact, deterministic)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -274,6 +276,44 @@ def test_learned_rounding_starts_at_gptqs_codes():
     assert pairs and all(torch.equal(a.weight_q, b.weight_q) for a, b in pairs)
 
 
+def test_codes_start_puts_the_soft_weights_next_to_gptqs_codes_not_at_its_values():
+    """init="gptq-codes": each soft weight starts within CODE_INIT_MARGIN steps of GPTQ's code and hardens
+    to it; init="gptq" starts the soft weights at the compensated values themselves."""
+    from fxq.passes.reconstruct_gptq import round_on_float_inputs, rounded_layers
+    from fxq.relaxed import CODE_INIT_MARGIN, SoftLayer
+    ctx = CompileContext(get_target("shift-int", w_bits=4, a_bits=4), X[:1], [X], progress=False,
+                         bias_correction=None, reconstruct=ReconstructOptions(mode="adaround", samples=48))
+    gm = run_passes(trace(tiny("inverted_residual")), ctx, PIPELINE[: PIPELINE.index(reconstruct)])
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        round_on_float_inputs(twin, ctx, X[:48], rounded_layers(twin))              # GPTQ's codes
+        round_on_float_inputs(gm, ctx, X[:48], rounded_layers(gm), updated=True)    # its compensated values
+    codes = {id(a): b.weight_q for a, b in zip(_weighted(gm), _weighted(twin))}
+    moved = 0
+    for m in _weighted(gm):
+        step = torch.from_numpy(m.w_fmt.step).float().reshape((-1,) + (1,) * (m.weight_q.dim() - 1))
+        at_codes = SoftLayer(m, learn_exponent=False, at_codes=True)
+        with torch.no_grad():
+            assert torch.equal(at_codes.hard_weight(), codes[id(m)].float())
+            gap = ((at_codes.soft_weight() - codes[id(m)]) / step).abs()
+            assert float(gap.max()) <= CODE_INIT_MARGIN + 1e-5
+            at_values = SoftLayer(m, learn_exponent=False)
+            assert torch.equal(at_values.hard_weight(), codes[id(m)].float())
+            scaled = m.weight_q / step               # away from the clamps of h(V) and of the code range
+            rng = m.w_fmt.range
+            inside = ((scaled - torch.floor(scaled) - 0.5).abs() < 0.49) & (scaled > rng.lo) & (scaled < rng.hi)
+            assert inside.any() and torch.allclose(at_values.soft_weight()[inside], m.weight_q.float()[inside], atol=1e-5)
+            moved += int((((at_values.soft_weight() - codes[id(m)]) / step).abs() > CODE_INIT_MARGIN + 1e-3).sum())
+    assert moved > 0                                                    # the two starts differ
+
+
+def test_learned_rounding_from_gptqs_codes_is_exact_and_says_so():
+    recon = {"mode": "adaround", "init": "gptq-codes", "iters": 30, "samples": 48, "batch": 16}
+    qm = fxq.compile(tiny("residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4, reconstruct=recon)
+    assert any("reconstruct (adaround, from GPTQ's codes)" in n for n in qm.notes)
+    assert_three_executors(qm, X[:8])
+
+
 def test_learned_rounding_from_gptq_improves_on_it_and_stays_exact():
     """Training can move past GPTQ's codes (a block kept with a lower loss than GPTQ's start); a block it
     does not improve is put back at GPTQ's codes."""
@@ -291,3 +331,5 @@ def test_init_is_checked():
         fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "adaround", "init": "x"})
     with pytest.raises(CalibrationError, match="init.*learned modes"):
         fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "gptq", "init": "gptq"})
+    with pytest.raises(CalibrationError, match="init='gptq-codes' applies to mode 'adaround' only"):
+        fxq.compile(tiny("residual"), X, "shift-int", progress=False, reconstruct={"mode": "rapq", "init": "gptq-codes"})
