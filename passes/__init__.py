@@ -16,6 +16,7 @@ from .insert_fake_quant import insert_fake_quant
 from .hessian_search import hessian_search
 from .reconstruct import reconstruct
 from .bias_correction import bias_correction
+from .fit_shift_range import fit_shift_range
 
 # Order for a CNN; calibrate and data_free_stats are alternatives (the runner picks one by ctx).
 PIPELINE = (
@@ -36,6 +37,7 @@ PIPELINE = (
     hessian_search,
     reconstruct,
     bias_correction,
+    fit_shift_range,
 )
 
 __all__ = [p.__name__ for p in PIPELINE] + ["PIPELINE"]

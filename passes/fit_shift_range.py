@@ -1,0 +1,56 @@
+"""fit_shift_range: keep every conv/linear requant shift within what the integer graph allows.
+
+A conv/linear output is requantized by shifting its accumulator right by in_frac + w_frac - out_frac.
+A channel whose weights are all near zero gets a very fine weight step (its fractional length follows
+its values), and with a small bias nothing coarsens it, so its shift can pass MAX_SHIFT and the lowered
+graph would be refused by the verifier. Such a channel's accumulator, shifted that far, rounds to 0 or
+nearly: its weight step is coarsened until the shift is MAX_SHIFT, at the fake-quant level, so that
+the fake-quant model and the integer graph keep computing the same thing.
+
+Reads: the FakeQuant after each QConv2d/QLinear (through a fused ReLU/clamp), the layer's input and
+weight fractional lengths. Writes: the layer's weight format (coarser steps for those channels only),
+with a note naming the layer. Skipped on dyadic targets (their requant is a multiplier and a shift
+fitted to the scale ratio) and for cluster-shared weight scales.
+Requires: insert_fake_quant; runs last, after every pass that moves a step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch.fx as fx
+
+from fxq import meta
+from fxq.context import CompileContext
+from fxq.fakequant import FakeQuant, _QWeighted
+from fxq.tuning import set_weight_frac, sync_weight_meta
+from fxq.verify import MAX_SHIFT
+
+
+def _layer_before(node: fx.Node) -> fx.Node | None:
+    """The conv/linear whose accumulator this FakeQuant requantizes, if any."""
+    src = node.args[0]
+    if src.meta.get(meta.KIND) in meta.ACTIVATIONS and src.meta.get(meta.ROLE) == "qpoint":
+        src = src.args[0]
+    return src if src.meta.get(meta.KIND) in meta.WEIGHTED else None
+
+
+def fit_shift_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    if ctx.target.scale_kind == "dyadic":
+        return gm
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), FakeQuant):
+            continue
+        src = _layer_before(node)
+        layer = modules.get(src.target) if src is not None else None
+        if not isinstance(layer, _QWeighted) or layer.clustered:
+            continue
+        out_frac = modules[node.target].fmt.frac
+        frac = layer.w_fmt.frac_array
+        capped = np.minimum(frac, MAX_SHIFT + out_frac - layer.in_frac)
+        if np.array_equal(capped, frac):
+            continue
+        set_weight_frac(layer, capped, ctx.target.acc_bits)
+        ctx.note(f"{src.name}: {int((frac > capped).sum())} output channel(s) with near-zero weights got a coarser "
+                 f"weight step, so that the requant shift stays within {MAX_SHIFT}")
+    sync_weight_meta(gm)
+    return gm
