@@ -119,6 +119,11 @@ LOWBIT_CONFIGS = [
      "loss, 16-bit logits", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
       "reconstruct": _ADAROUND_CROPS}),
+    # 2026-12-03: the same, the soft weights started next to GPTQ's codes instead of at its compensated values.
+    ("fxq shift-int W4A4 + clamp fit + activation Hessian search + AdaRound from GPTQ's codes on 12px crops, "
+     "relative loss, 16-bit logits", "shift-int", "W4A4",
+     {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
+      "reconstruct": {**_ADAROUND_CROPS, "init": "gptq-codes"}}),
     # 2026-12-03: W2A4 (weights the four codes -2..1, edges at 8 bits), the grid issue 5 asks for.
     ("fxq shift-int W2A4 naive", "shift-int", "W2A4",
      {"w_bits": 2, "a_bits": 4, **EDGES, "exp_search_radius": 0, "bias_correction": None}),
