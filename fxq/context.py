@@ -121,7 +121,8 @@ class ReconstructOptions:
             bad("init", f"applies to mode 'adaround' only (mode is {self.mode!r}: it learns the steps, and GPTQ's "
                         f"codes belong to the steps it started from)")
         if self.step_search and self.mode != "gptq" and not self.from_gptq:
-            bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq' (mode is {self.mode!r})")
+            bad("step_search", f"applies to GPTQ rounding only: mode 'gptq' or init 'gptq'/'gptq-codes' (mode is "
+                               f"{self.mode!r})")
         for name in ("patch", "relative_loss"):
             if getattr(self, name) and self.mode == "gptq":
                 bad(name, "applies to the learned modes 'rapq' and 'adaround' (mode 'gptq' does not train)")
