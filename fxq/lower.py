@@ -22,7 +22,7 @@ from .formats import ACC_RANGE, DEFAULT_ROUNDING, quantize_np, storage_dtype
 from .ir import INT_NONLINEAR_OPS, TOKEN_COMPARISONS, Graph, Node, Op, TensorType
 from .qtypes import ActFormat
 from .targets import Target
-from .walk import attr_value, data_inputs
+from .walk import attr_value, data_inputs, requant_source
 
 
 def _batchless(shape) -> tuple:
@@ -94,9 +94,7 @@ class _Lowerer:
     # -- requantizing ops, emitted at their FakeQuant ------------------------------------------------
     def requantize(self, fq_node) -> str:
         fmt: ActFormat = fq_node.meta[meta.ACT_FMT]
-        src = fq_node.args[0]
-        if src.meta[meta.KIND] in meta.ACTIVATIONS and src.meta[meta.ROLE] == "qpoint":
-            src = src.args[0]                       # the activation is fused into its producer's clamp
+        src = requant_source(fq_node)               # a fused activation: its producer's clamp
         shape = fq_node.meta[meta.SHAPE] or src.meta[meta.SHAPE]
         out = _act_type(fmt, shape)
         rounding = self.target.rounding.value

@@ -20,6 +20,14 @@ def format_source(node: fx.Node) -> fx.Node:
     return node
 
 
+def requant_source(fq_node: fx.Node) -> fx.Node:
+    """The node a FakeQuant requantizes: its input, or the producer of a ReLU/clamp fused into it."""
+    src = fq_node.args[0]
+    if src.meta.get(meta.KIND) in meta.ACTIVATIONS and src.meta.get(meta.ROLE) == "qpoint":
+        return src.args[0]
+    return src
+
+
 def is_nonnegative(node: fx.Node) -> bool:
     """True when the values are non-negative by construction (after ReLU, a clamp at >= 0, ...)."""
     kind = node.meta.get(meta.KIND)

@@ -23,25 +23,19 @@ from fxq.context import CompileContext
 from fxq.fakequant import FakeQuant, _QWeighted
 from fxq.tuning import set_weight_frac, sync_weight_meta
 from fxq.verify import MAX_SHIFT
-
-
-def _layer_before(node: fx.Node) -> fx.Node | None:
-    """The conv/linear whose accumulator this FakeQuant requantizes, if any."""
-    src = node.args[0]
-    if src.meta.get(meta.KIND) in meta.ACTIVATIONS and src.meta.get(meta.ROLE) == "qpoint":
-        src = src.args[0]
-    return src if src.meta.get(meta.KIND) in meta.WEIGHTED else None
+from fxq.walk import requant_source
 
 
 def fit_shift_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.target.scale_kind == "dyadic":
         return gm
     modules = dict(gm.named_modules())
+    changed = False
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), FakeQuant):
             continue
-        src = _layer_before(node)
-        layer = modules.get(src.target) if src is not None else None
+        src = requant_source(node)
+        layer = modules.get(src.target) if src.meta.get(meta.KIND) in meta.WEIGHTED else None
         if not isinstance(layer, _QWeighted) or layer.clustered:
             continue
         out_frac = modules[node.target].fmt.frac
@@ -50,7 +44,9 @@ def fit_shift_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if np.array_equal(capped, frac):
             continue
         set_weight_frac(layer, capped, ctx.target.acc_bits)
+        changed = True
         ctx.note(f"{src.name}: {int((frac > capped).sum())} output channel(s) with near-zero weights got a coarser "
                  f"weight step, so that the requant shift stays within {MAX_SHIFT}")
-    sync_weight_meta(gm)
+    if changed:
+        sync_weight_meta(gm)
     return gm

@@ -162,6 +162,10 @@ def recovered(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], meta: dict, list_parts: bool = True) -> str:
     """The table and its footer. A merged table's part commands are listed only with ``list_parts``
     (docs/bench_lowbit.md); the README's copy points there."""
+    parts = meta.get("parts")
+    how = (f"in {len(parts)} runs of tools/bench_lowbit.py, one per part, merged with `{meta['command']}` (the first "
+           f"part with a row gives it)" if parts else f"with `{meta['command']}`")
+    where = "" if not parts else " Each part's command:" if list_parts else " Each part's command: docs/bench_lowbit.md."
     out = ["| model | bits | method | accuracy % | Δ vs FP32 | compile s | exact % |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = f"{r['exact']:.2f}" if r["exact"] is not None else "–"
@@ -172,17 +176,11 @@ def markdown(rows: list[dict], meta: dict, list_parts: bool = True) -> str:
             f"the first {meta['exact_images']} test images. Edges (first/last layer weights, image, last layer's "
             f"input, logits) stay 8-bit below W8A8; W2 weights are the four codes -2..1. Reconstruction: "
             f"{meta['recon']}.",
-            f"Measured {meta['date']} with `{meta['command']}` on {meta['machine']} "
+            f"Measured {meta['date']} {how} on {meta['machine']} "
             f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} images, "
-            f"calibration: {meta['calib_images']} training images."]
-    if meta.get("parts"):
-        out[-1] = (f"Measured {meta['date']} in {len(meta['parts'])} runs of tools/bench_lowbit.py, one per part, "
-                   f"merged with `{meta['command']}` (the first part with a row gives it) on {meta['machine']} "
-                   f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} "
-                   f"images, calibration: {meta['calib_images']} training images. "
-                   + ("Each part's command:" if list_parts else "Each part's command: docs/bench_lowbit.md."))
-        if list_parts:
-            out += [""] + [f"- {part}: `{cmd}`" for part, cmd in meta["parts"]]
+            f"calibration: {meta['calib_images']} training images." + where]
+    if parts and list_parts:
+        out += [""] + [f"- {part}: `{cmd}`" for part, cmd in parts]
     return "\n".join(out)
 
 
