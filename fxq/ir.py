@@ -9,7 +9,6 @@ invariants the backends rely on and names the node that breaks one.
 """
 from __future__ import annotations
 
-import enum
 import io
 import json
 import operator
@@ -19,62 +18,26 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
-from .clusters import expand
-from .errors import LoadError
+from .errors import LoadError, VerifyError
 from .formats import ACC_BITS, FP32_EXACT_BITS, FRAC_LIMITS, step_of
+from .ops import OPS, AttrError, Attrs, Op, ops_where, spec, weight_codes
+from .ops.base import jsonable
+from .ops.text import SHORT_DTYPE, frac_text
+from .verify import verify
 
 FORMAT_VERSION = 1
 
-
-class Op(str, enum.Enum):
-    QUANTIZE = "quantize"          # float input -> codes: round(x * 2**frac), saturate
-    DEQUANTIZE = "dequantize"      # codes -> float output
-    CONV2D_INT = "conv2d_int"      # int32 accumulate of codes x weight codes, + int32 bias
-    LINEAR_INT = "linear_int"      # likewise for a matrix product
-    CONV2D_CLUSTER = "conv2d_cluster"  # per cluster of N input channels: sum of code x input (adds for
-    LINEAR_CLUSTER = "linear_cluster"  # ternary codes), times the cluster's scale code; int32 accumulate
-    REQUANT = "requant"            # int32 -> narrow codes: (multiply,) shift (per channel), round, clamp
-    ADD_INT = "add_int"            # align by left shifts (or multipliers), add in int32, then requant
-    AVGPOOL_INT = "avgpool_int"    # window sum, divide by 2**k as a shift, requant
-    MAXPOOL_INT = "maxpool_int"    # max of codes (same format in and out)
-    CONCAT_INT = "concat_int"      # codes of one format, joined along an axis
-    PAD_INT = "pad_int"            # zero codes around the spatial dims
-    CLAMP_INT = "clamp_int"        # codes clamped (standalone ReLU / ReLU6)
-    RESHAPE = "reshape"            # codes unchanged, new shape
-    PERMUTE = "permute"            # codes unchanged, axes reordered (the batch axis stays first)
-    SELECT = "select"              # one index along a non-batch axis (x[:, i])
-    EXPAND_BATCH = "expand_batch"  # a batch-1 constant repeated to the batch of the second input
-    CONST = "const"                # constant codes with a leading batch dim of 1 (class token, position embedding)
-    MATMUL_INT = "matmul_int"      # int32 accumulate of codes x codes (two activations, batched over leading axes)
-    FLOAT_ISLAND = "float_island"  # declared by the target: codes -> float64 -> softmax/GELU/LayerNorm -> codes
-    SOFTMAX_INT = "softmax_int"    # integer-only softmax over the last axis (fxq.int_nonlinear)
-    GELU_INT = "gelu_int"          # integer-only GELU
-    LAYERNORM_INT = "layernorm_int"  # integer-only LayerNorm over the last axis (integer sqrt)
-    GATHER = "gather"              # rows of a constant code table picked by the integer input (token embedding)
-    TOKEN_MASK = "token_mask"      # 1 where the integer input compares true with a constant (ids != pad), else 0
-    MASKED_MEAN_INT = "masked_mean_int"  # integer mean over the valid tokens (axis 1), a rounded division
-    L2NORM_INT = "l2norm_int"      # integer x / ||x|| over the last axis (integer sqrt, rounded division)
-    TWIN_QUANT = "twin_quant"      # fine codes -> b-bit twin-uniform codes (range bit + magnitude)
-    TWIN_EXPAND = "twin_expand"    # twin codes -> fine codes at the small step (R2 magnitudes << m)
-
-
-# fxq.int_nonlinear's kernels by function name, and back.
-INT_NONLINEAR_OPS = {"softmax": Op.SOFTMAX_INT, "gelu": Op.GELU_INT, "layer_norm": Op.LAYERNORM_INT,
-                     "masked_mean": Op.MASKED_MEAN_INT, "l2_normalize": Op.L2NORM_INT}
-INT_NONLINEAR_FN = {op: fn for fn, op in INT_NONLINEAR_OPS.items()}
+# fxq.int_nonlinear's kernels by function name (what lower emits for an IntNonlinear module).
+INT_NONLINEAR_OPS = {s.fn: op for op, s in OPS.items() if getattr(s, "fn", "")}
 # token_mask comparisons: the graph function and its name in the IR.
 TOKEN_COMPARISONS = {operator.ne: "ne", operator.eq: "eq", operator.gt: "gt", operator.ge: "ge",
                      operator.lt: "lt", operator.le: "le"}
-# Ops that accumulate products of codes and constant weights into an int32 accumulator.
-WEIGHTED_OPS = frozenset({Op.CONV2D_INT, Op.LINEAR_INT, Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
-CONV_OPS = frozenset({Op.CONV2D_INT, Op.CONV2D_CLUSTER})
-CLUSTER_OPS = frozenset({Op.CONV2D_CLUSTER, Op.LINEAR_CLUSTER})
-# Ops that rescale (their ``shift`` attribute must equal frac_in - frac_out) and round.
-REQUANTIZING = frozenset({Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT})
-# Ops whose output carries the input's codes and format unchanged (up to selection/clamping).
-SAME_FORMAT = frozenset({Op.MAXPOOL_INT, Op.CONCAT_INT, Op.PAD_INT, Op.CLAMP_INT, Op.RESHAPE, Op.PERMUTE, Op.SELECT,
-                         Op.EXPAND_BATCH})
-SHORT_DTYPE = {"int8": "i8", "uint8": "u8", "int16": "i16", "uint16": "u16", "int32": "i32", "float32": "f32"}
+# Op families, from the op table's kind properties.
+WEIGHTED_OPS = ops_where("weighted")
+CONV_OPS = ops_where("conv")
+CLUSTER_OPS = ops_where("cluster")
+REQUANTIZING = ops_where("requantizing")
+SAME_FORMAT = ops_where("same_format")
 
 
 @dataclass(frozen=True)
@@ -119,13 +82,13 @@ class TensorType:
             bits, m, signed = self.twin
             return f"twin{bits}[{dims}] f={self.frac}|{self.frac - m}"
         if not self.dyadic:
-            return f"{text} f={_frac_text(self.frac)}"
+            return f"{text} f={frac_text(self.frac)}"
         zp = f" zp={self.zp}" if self.zp else ""
-        return f"{text} s={_frac_text(self.mant)}*2^-{_frac_text(self.frac)}{zp}"
+        return f"{text} s={frac_text(self.mant)}*2^-{frac_text(self.frac)}{zp}"
 
     def to_json(self) -> dict:
-        d = {"dtype": self.dtype, "shape": list(self.shape), "frac": _jsonable(self.frac), "lo": self.lo, "hi": self.hi,
-             "mant": _jsonable(self.mant), "zp": self.zp}
+        d = {"dtype": self.dtype, "shape": list(self.shape), "frac": jsonable(self.frac), "lo": self.lo, "hi": self.hi,
+             "mant": jsonable(self.mant), "zp": self.zp}
         if self.twin is not None:
             d["twin"] = list(self.twin)
         return d
@@ -140,56 +103,35 @@ class TensorType:
 
 @dataclass
 class Node:
+    """One IR op. ``attrs`` is the op's frozen Attrs (a dict given here is converted, and an unknown or
+    missing attribute is a VerifyError naming the node); ``src`` names the fake-quant point whose float
+    value report() compares this node's output with."""
     name: str
     op: Op
     inputs: list[str]
     out: TensorType
-    attrs: dict = field(default_factory=dict)
+    attrs: Attrs | dict = field(default_factory=dict)
     consts: dict[str, np.ndarray] = field(default_factory=dict)
+    src: str | None = None
 
+    def __post_init__(self):
+        try:
+            self.op = Op(self.op)
+        except ValueError:
+            raise VerifyError(f"IR node '%{self.name}': unknown op {self.op!r}; known: {[o.value for o in OPS]}") from None
+        kind = spec(self.op).Attrs
+        if isinstance(self.attrs, dict):
+            try:
+                self.attrs = kind.from_dict(self.attrs, self.op.value)
+            except (AttrError, TypeError) as exc:
+                raise VerifyError(f"IR node '%{self.name}' ({self.op.value}): {exc}") from None
+        elif type(self.attrs) is not kind:
+            raise VerifyError(f"IR node '%{self.name}' ({self.op.value}): attributes {type(self.attrs).__name__} "
+                              f"are not {kind.__name__}")
 
-def weight_codes(n: Node) -> np.ndarray:
-    """The integer weights a weighted node multiplies by (int64): for a cluster op, code * scale code.
-
-    Integer sums are associative, so accumulating per cluster and then multiplying by the cluster's
-    scale gives exactly the sum with these effective weights; backends may use either form.
-    """
-    if n.op in CLUSTER_OPS:
-        t = n.consts["t"].astype(np.int64)
-        return t * expand(n.consts["alpha"].astype(np.int64), t.shape, int(n.attrs["cluster_size"]))
-    return n.consts["w"].astype(np.int64)
-
-
-def int_nonlinear_constants(n: Node, x: TensorType):
-    """fxq.int_nonlinear's constants of an integer softmax/GELU/LayerNorm node with input type ``x``."""
-    from . import int_nonlinear as inl
-    if n.op is Op.SOFTMAX_INT:
-        return inl.softmax_constants(int(x.frac), int(n.out.frac))
-    if n.op is Op.GELU_INT:
-        return inl.gelu_constants(int(x.frac), int(n.out.frac))
-    if n.op is Op.MASKED_MEAN_INT:
-        return inl.masked_mean_constants(int(x.frac), int(n.out.frac))
-    if n.op is Op.L2NORM_INT:
-        return inl.l2_normalize_constants(int(x.frac), int(n.out.frac), int(x.shape[-1]))
-    a = n.attrs
-    return inl.LayerNormConstants(int(a["n"]), int(a["var_shift"]), int(a["eps"]), int(a["norm_shift"]),
-                                  int(a["norm_max"]), int(a["gamma_frac"]), n.consts["gamma"].astype(np.int64),
-                                  n.consts["beta"].astype(np.int64), int(a["out_shift"]))
-
-
-def _frac_text(frac) -> str:
-    if isinstance(frac, tuple):
-        lo, hi = min(frac), max(frac)
-        return str(lo) if lo == hi else f"{lo}..{hi}"
-    return str(frac)
-
-
-def _jsonable(v):
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    return v
+    @property
+    def spec(self):
+        return OPS[self.op]
 
 
 class Graph:
@@ -243,88 +185,11 @@ class Graph:
     __repr__ = __str__
 
     def _arg_text(self, n: Node, types: dict[str, TensorType]) -> list[str]:
-        a = n.attrs
         ins = [f"%{i}" if i != self.input_name else f"{i}:{self.input_type.short()}" for i in n.inputs]
-        if n.op in WEIGHTED_OPS:
-            if n.op in CLUSTER_OPS:
-                t, alpha = n.consts["t"], n.consts["alpha"]
-                codes = "tern" if a["w_bits"] == 2 else f"i{a['w_bits']}"
-                ins.append(f"t:{codes}[{','.join(map(str, t.shape))}]")
-                ins.append(f"sum/{a['cluster_size']}ch x a:u{a['alpha_bits']}[{','.join(map(str, alpha.shape))}] "
-                           f"f={_frac_text(tuple(a['w_frac']))}")
-            else:
-                w = n.consts["w"]
-                step = f"f={_frac_text(tuple(a['w_frac']))}"
-                if "w_mant" in a:
-                    step = f"s={_frac_text(tuple(a['w_mant']))}*2^-{_frac_text(tuple(a['w_frac']))}"
-                ins.append(f"w:i{a['w_bits']}[{','.join(map(str, w.shape))}] {step}")
-            ins.append(f"b:i32 f={_frac_text(n.out.frac)}")
-            if n.op in CONV_OPS:
-                conv = [f"s={_pair_text(a['stride'])}", f"p={_pair_text(a['padding'])}"]
-                conv += [f"d={_pair_text(a['dilation'])}"] if tuple(a["dilation"]) != (1, 1) else []
-                conv += [f"g={a['groups']}"] if a["groups"] != 1 else []
-                ins += conv
-        elif n.op in REQUANTIZING:
-            if n.op is Op.ADD_INT and "multipliers" in a:
-                ins = [f"({t}{-z:+d}) x{m}" if z else f"{t} x{m}" for t, z, m in zip(ins, a["in_zp"], a["multipliers"])]
-            elif n.op is Op.ADD_INT:
-                ins = [f"{t} <<{s}" if s else t for t, s in zip(ins, a["align"])]
-            if n.op is Op.AVGPOOL_INT:
-                ins.append(f"k={_pair_text(a['kernel'])} sum/2^{a['divisor_log2']}")
-            if "multiplier" in a:
-                ins.append(f"x{_frac_text(_tuple(a['multiplier']))}")
-            ins.append(f">>{_frac_text(_tuple(a['shift']))} {a['rounding']}")
-            if n.out.zp:
-                ins.append(f"+{n.out.zp}")
-            ins.append(f"clamp[{n.out.lo},{n.out.hi}]")
-        elif n.op is Op.MAXPOOL_INT:
-            ins.append(f"k={_pair_text(a['kernel'])} s={_pair_text(a['stride'])} p={_pair_text(a['padding'])}")
-        elif n.op is Op.CLAMP_INT:
-            ins.append(f"[{a['lo']},{a['hi']}]")
-        elif n.op is Op.CONCAT_INT:
-            ins.append(f"axis={a['axis']}")
-        elif n.op is Op.PAD_INT:
-            ins.append(f"pads={list(a['pads'])}")
-        elif n.op is Op.QUANTIZE:
-            ins.append(a["rounding"])
-        elif n.op is Op.PERMUTE:
-            ins.append(f"perm={list(a['perm'])}")
-        elif n.op is Op.SELECT:
-            ins.append(f"axis={a['axis']} index={a['index']}")
-        elif n.op is Op.MATMUL_INT:
-            ins = [f"({t}{-a[k]:+d})" if a.get(k) else t for t, k in zip(ins, ("a_zp", "b_zp"))]
-        elif n.op is Op.FLOAT_ISLAND:
-            fn = a["fn"] + (f"[{a['approximate']}]" if a.get("approximate", "none") != "none" else "")
-            ins += [f"{fn} in f64"] + ([f"key mask {a['on_valid']:g}|{a['on_invalid']:g}"] if "on_invalid" in a else [])
-            ins += [a["rounding"], f"clamp[{n.out.lo},{n.out.hi}]"]
-        elif n.op is Op.CONST:
-            ins.append(f"codes[{','.join(map(str, n.consts['codes'].shape))}]")
-        elif n.op is Op.GATHER:
-            ins.append(f"table:{SHORT_DTYPE.get(str(n.consts['table'].dtype), n.consts['table'].dtype)}"
-                       f"[{','.join(map(str, n.consts['table'].shape))}]")
-        elif n.op is Op.TOKEN_MASK:
-            ins.append(f"{a['compare']} {a['value']}")
-        elif n.op is Op.TWIN_QUANT:
-            bits, m, signed = n.out.twin
-            ins.append(f"{'neg' if signed else f'<{2 ** (bits - 1)}'} -> R1, else R2 >>{m} {a['rounding']}")
-        elif n.op is Op.TWIN_EXPAND:
-            ins.append(f"R2 <<{types[n.inputs[0]].twin[1]}")
-        elif n.op is Op.SOFTMAX_INT:
-            ins += ["exp2 poly5, /sum"] + (["+mask"] if "mask" in n.consts else [])
-            ins += [f"key mask {a['key_mask'][0]}|{a['key_mask'][1]}"] if "key_mask" in a else []
-        elif n.op is Op.MASKED_MEAN_INT:
-            ins.append("sum/count")
-        elif n.op is Op.L2NORM_INT:
-            ins.append("isqrt, /norm")
-        elif n.op is Op.GELU_INT:
-            ins.append("relu - poly8")
-        elif n.op is Op.LAYERNORM_INT:
-            ins.append(f"isqrt, g:i16[{a['n']}] f={a['gamma_frac']}, >>{a['out_shift']}")
-        return ins
+        return n.spec.text(n, ins, types)
 
     # -- verification ---------------------------------------------------------------------------
     def verify(self) -> "Graph":
-        from .verify import verify
         verify(self)
         return self
 
@@ -338,7 +203,8 @@ class Graph:
         return {"format": "fxq-ir", "version": FORMAT_VERSION, "input": self.input_name,
                 "input_type": self.input_type.to_json(), "output": self.output, "target": self.target,
                 "nodes": [{"name": n.name, "op": n.op.value, "inputs": n.inputs, "out": n.out.to_json(),
-                           "attrs": _jsonable_attrs(n.attrs), "consts": sorted(n.consts)} for n in self.nodes]}
+                           "attrs": n.attrs.to_json(), "consts": sorted(n.consts), **({"src": n.src} if n.src else {})}
+                          for n in self.nodes]}
 
     def save(self, path) -> None:
         arrays = {f"{n.name}/{k}": v for n in self.nodes for k, v in n.consts.items()}
@@ -368,29 +234,13 @@ class Graph:
             nodes = []
             for d in doc["nodes"]:
                 c = {k: arrays[f"{d['name']}/{k}"] for k in d["consts"]}
-                nodes.append(Node(d["name"], Op(d["op"]), list(d["inputs"]), TensorType.from_json(d["out"]),
-                                  _attrs_from_json(d["attrs"]), c))
+                attrs = dict(d["attrs"])
+                src = d.get("src", attrs.pop("src", None))      # files before the Node.src field kept it in attrs
+                nodes.append(Node(d["name"], d["op"], list(d["inputs"]), TensorType.from_json(d["out"]), attrs, c, src))
             g = cls(doc["input"], TensorType.from_json(doc["input_type"]), nodes, doc["output"], doc.get("target"))
         except (KeyError, TypeError, ValueError) as exc:
             raise LoadError(f"{path}: malformed fxq IR ({type(exc).__name__}: {exc})") from exc
         return g.verify()
 
 
-def _tuple(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def _pair_text(v) -> str:
-    v = tuple(v)
-    return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
-
-
-def _jsonable_attrs(attrs: dict) -> dict:
-    return {k: _jsonable(tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()}
-
-
-def _attrs_from_json(attrs: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
-
-
-__all__ = ["INT_NONLINEAR_OPS", "Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS"]
+__all__ = ["INT_NONLINEAR_OPS", "Op", "TensorType", "Node", "Graph", "ACC_BITS", "FRAC_LIMITS", "weight_codes"]

@@ -78,7 +78,7 @@ class _Lowerer:
             elif kind == "fake_quant":
                 name = self.requantize(node)
                 last = next(n for n in reversed(self.nodes) if n.op is not Op.RESHAPE)
-                last.attrs["src"] = node.name      # where report() finds its float value
+                last.src = node.name      # where report() finds its float value
                 self.name_of[node.name] = self.twin(name, node.meta[meta.ACT_FMT])
             elif kind in meta.WEIGHTED:
                 self.name_of[node.name] = self.weighted(node)

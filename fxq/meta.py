@@ -27,3 +27,10 @@ PASS_THROUGH = frozenset({"flatten", "reshape", "maxpool", "pad", "cat", "relu",
 ISLANDS = frozenset({"softmax", "gelu", "layer_norm", "masked_mean", "l2_normalize"})
 # Ops whose two data inputs are both activations.
 BINARY = frozenset({"add", "matmul"})
+# Producers of an int32 accumulator (or aligned sum) that a following ReLU/clamp fuses into.
+ACC_PRODUCERS = WEIGHTED | BINARY
+# Sign without running the model (fxq.walk.is_nonnegative): outputs >= 0 by definition; outputs that
+# are >= 0 when the first input is; outputs that are >= 0 when every data input is.
+NONNEGATIVE = frozenset({"relu", "softmax"})
+SIGN_OF_INPUT = frozenset({"flatten", "reshape", "maxpool", "pad", "avgpool", "permute", "select", "expand_batch"})
+SIGN_OF_ALL_INPUTS = frozenset({"cat", "add"})

@@ -18,7 +18,7 @@ import torch.fx as fx
 from .errors import MissingExtra
 from .context import model_input
 from .fakequant import FakeQuant, _QWeighted, set_quantization
-from .ir import CLUSTER_OPS, WEIGHTED_OPS, Graph, Node, Op
+from .ir import CLUSTER_OPS, REQUANTIZING, WEIGHTED_OPS, Graph, Node, Op
 
 SENSITIVITY_COLS = ("act alone dB", "w alone dB")
 _ROW_OPS = (Op.QUANTIZE, Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT, Op.FLOAT_ISLAND, Op.CONST)
@@ -138,14 +138,13 @@ def _weights_text(g: Graph, n: Node) -> str:
     acc = g.node(n.inputs[0])
     a = acc.attrs
     if acc.op in CLUSTER_OPS:
-        codes = "tern" if a["w_bits"] == 2 else f"i{a['w_bits']}"
-        return f"{codes} N={a['cluster_size']} x u{a['alpha_bits']} f={_frac_range(a['w_frac'])}"
-    f = a.get("w_frac")
-    if f is None:
+        codes = "tern" if a.w_bits == 2 else f"i{a.w_bits}"
+        return f"{codes} N={a.cluster_size} x u{a.alpha_bits} f={_frac_range(a.w_frac)}"
+    if acc.op not in WEIGHTED_OPS:
         return "-"
-    if "w_mant" in a:
-        return f"i{a['w_bits']} s={_frac_range(a['w_mant'])}*2^-{_frac_range(f)}"
-    return f"i{a['w_bits']} f={_frac_range(f)}"
+    if a.w_mant is not None:
+        return f"i{a.w_bits} s={_frac_range(a.w_mant)}*2^-{_frac_range(a.w_frac)}"
+    return f"i{a.w_bits} f={_frac_range(a.w_frac)}"
 
 
 def multiplications(n: Node) -> tuple[int, int]:
@@ -170,8 +169,9 @@ def _range_text(v) -> str:
 
 def _shift_text(n: Node) -> str:
     a = n.attrs
-    mult = a.get("multiplier", a.get("multipliers"))
-    return ("" if mult is None else f"x{_range_text(mult)} ") + f">>{_range_text(a.get('shift', 0))}"
+    mult = getattr(a, "multiplier", None)
+    mult = getattr(a, "multipliers", None) if mult is None else mult
+    return ("" if mult is None else f"x{_range_text(mult)} ") + f">>{_range_text(a.shift)}"
 
 
 def _activation_text(n: Node) -> str:
@@ -184,7 +184,7 @@ def _producer(g: Graph, n: Node) -> str:
     if n.op is Op.REQUANT:
         return g.node(n.inputs[0]).op.value
     if n.op is Op.FLOAT_ISLAND:
-        return n.attrs["fn"]
+        return n.attrs.fn
     return n.op.value
 
 
@@ -212,7 +212,7 @@ def build_report(qm, x: torch.Tensor | None, sensitivity: bool = False, progress
     for n in g.nodes:
         if n.op not in _ROW_OPS:
             continue
-        src = n.attrs.get("src")
+        src = n.src
         acc = g.node(n.inputs[0]) if n.op is Op.REQUANT else None
         replaced = "-"
         if acc is not None and acc.op in CLUSTER_OPS:
@@ -220,7 +220,7 @@ def build_report(qm, x: torch.Tensor | None, sensitivity: bool = False, progress
             replaced = f"{100.0 * (macs - left) / macs:.1f}%"
         rows.append({"layer": n.name, "op": _producer(g, n), "weights": _weights_text(g, n),
                      "activation": _activation_text(n),
-                     "shift": _shift_text(n) if "shift" in n.attrs else "-", "mult->acc": replaced,
+                     "shift": _shift_text(n) if n.op in REQUANTIZING else "-", "mult->acc": replaced,
                      "float": "f64" if n.op is Op.FLOAT_ISLAND else "-", "SQNR dB": _db(sqnr.get(src))})
         if alone is not None:
             layer = acc.name if acc is not None and acc.op in WEIGHTED_OPS else None
@@ -232,18 +232,19 @@ def build_report(qm, x: torch.Tensor | None, sensitivity: bool = False, progress
     products = [n for n in g.nodes if n.op is Op.MATMUL_INT]
     act_macs = sum(matmul_macs(g, n) for n in products)
     islands = [n for n in g.nodes if n.op is Op.FLOAT_ISLAND]
-    rescaling = [n for n in g.nodes if n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT)]
-    multiplied = sum("multiplier" in n.attrs or "multipliers" in n.attrs for n in rescaling)
+    rescaling = [n for n in g.nodes if n.op in REQUANTIZING]
+    multiplied = sum(getattr(n.attrs, "multiplier", None) is not None or getattr(n.attrs, "multipliers", None) is not None
+                     for n in rescaling)
     summary = {
         "target": g.target.get("name") if g.target else "?",
         "layers with weights": len(weighted),
-        "weight bits": sorted({n.attrs["w_bits"] for n in weighted}),
+        "weight bits": sorted({n.attrs.w_bits for n in weighted}),
         "MACs per sample": macs,
         "multiplications replaced by accumulations": f"{macs - left} of {macs} ({100.0 * (macs - left) / max(macs, 1):.1f}%)",
         "rescales": f"{len(rescaling)}: {len(rescaling) - multiplied} shift only, {multiplied} integer multiply + shift",
         "activation x activation MACs per sample": act_macs if products else "-",
-        "float islands": (f"{len(islands)} (" + ", ".join(f"{sum(i.attrs['fn'] == f for i in islands)} {f}"
-                                                   for f in sorted({i.attrs['fn'] for i in islands})) + ")"
+        "float islands": (f"{len(islands)} (" + ", ".join(f"{sum(i.attrs.fn == f for i in islands)} {f}"
+                                                   for f in sorted({i.attrs.fn for i in islands})) + ")"
                           if islands else 0),
         "output SQNR dB": f"{sqnr['output']:.1f}" if "output" in sqnr else "- (pass x to measure)",
     }

@@ -31,13 +31,13 @@ def requant_source(fq_node: fx.Node) -> fx.Node:
 def is_nonnegative(node: fx.Node) -> bool:
     """True when the values are non-negative by construction (after ReLU, a clamp at >= 0, ...)."""
     kind = node.meta.get(meta.KIND)
-    if kind in ("relu", "softmax"):
+    if kind in meta.NONNEGATIVE:
         return True
     if kind == "clamp":
         return node.args[1] >= 0 or is_nonnegative(node.args[0])
-    if kind in ("flatten", "reshape", "maxpool", "pad", "avgpool", "permute", "select", "expand_batch"):
+    if kind in meta.SIGN_OF_INPUT:
         return is_nonnegative(node.args[0])
-    if kind in ("cat", "add"):
+    if kind in meta.SIGN_OF_ALL_INPUTS:
         return all(is_nonnegative(x) for x in data_inputs(node))
     return False
 

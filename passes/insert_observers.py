@@ -19,14 +19,11 @@ from fxq import meta
 from fxq.context import CompileContext
 from fxq.observers import Observer
 
-_PRODUCERS = meta.WEIGHTED | {"add", "matmul"}
-
-
 def insert_observers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     fused: set[str] = set()
     for node in gm.graph.nodes:
         kind = node.meta[meta.KIND]
-        if kind in _PRODUCERS and len(node.users) == 1 and next(iter(node.users)).meta[meta.KIND] in meta.ACTIVATIONS:
+        if kind in meta.ACC_PRODUCERS and len(node.users) == 1 and next(iter(node.users)).meta[meta.KIND] in meta.ACTIVATIONS:
             act = next(iter(node.users))
             node.meta[meta.ROLE] = "acc"
             node.meta[meta.FUSED_ACT] = act.name

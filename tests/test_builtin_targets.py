@@ -12,7 +12,7 @@ from conftest import TINY_MODELS, assert_three_executors, tiny
 from fxq import meta
 from fxq.clusters import _ternary_l2, quantize_clusters
 from fxq.formats import std_frac
-from fxq.ir import CLUSTER_OPS, Op
+from fxq.ir import CLUSTER_OPS, WEIGHTED_OPS, Op
 from fxq.qtypes import ClusterFormat
 from fxq.report import multiplications
 
@@ -88,16 +88,16 @@ def test_cluster_accumulation_then_scale_equals_the_reference():
     qm = fxq.compile(tiny("residual"), X, target="dfp-cluster", cluster_size=3, edge_w_bits=None, progress=False)
     from fxq.backends.reference import execute
     env = execute(qm.ir, X.numpy(), keep=True)
-    nodes = [n for n in qm.ir.nodes if n.op is Op.CONV2D_CLUSTER and n.attrs["groups"] == 1]
+    nodes = [n for n in qm.ir.nodes if n.op is Op.CONV2D_CLUSTER and n.attrs.groups == 1]
     assert nodes
     for n in nodes:
         x = torch.from_numpy(env[n.inputs[0]].astype(np.float64))
-        t, alpha, block = n.consts["t"].astype(np.float64), n.consts["alpha"].astype(np.int64), n.attrs["cluster_size"]
+        t, alpha, block = n.consts["t"].astype(np.float64), n.consts["alpha"].astype(np.int64), n.attrs.cluster_size
         acc = np.zeros(env[n.name].shape, np.int64)
         for j in range(alpha.shape[1]):
             sl = slice(j * block, (j + 1) * block)
-            part = F.conv2d(x[:, sl], torch.from_numpy(t[:, sl]), None, n.attrs["stride"], n.attrs["padding"],
-                            n.attrs["dilation"]).numpy()
+            part = F.conv2d(x[:, sl], torch.from_numpy(t[:, sl]), None, n.attrs.stride, n.attrs.padding,
+                            n.attrs.dilation).numpy()
             assert np.all(part == np.rint(part))
             acc += part.astype(np.int64) * alpha[:, j][None, :, None, None]
         acc += n.consts["b"].astype(np.int64)[None, :, None, None]
@@ -131,7 +131,7 @@ def test_edge_layers_keep_eight_bit_weights():
     qm = fxq.compile(tiny("residual"), X, target="dfp-cluster", progress=False)
     weighted = [n for n in qm.ir.nodes if n.op in (Op.CONV2D_INT, Op.LINEAR_INT, *CLUSTER_OPS)]
     assert weighted[0].op is Op.CONV2D_INT and weighted[-1].op is Op.LINEAR_INT
-    assert weighted[0].attrs["w_bits"] == 8 and weighted[-1].attrs["w_bits"] == 8
+    assert weighted[0].attrs.w_bits == 8 and weighted[-1].attrs.w_bits == 8
     assert all(n.op in CLUSTER_OPS for n in weighted[1:-1])
 
 
@@ -189,7 +189,7 @@ def test_edge_activations_keep_their_bits():
     qm = fxq.compile(tiny("residual"), X, "shift-int", w_bits=4, a_bits=4, edge_a_bits=8, progress=False)
     nodes = qm.ir.nodes
     quantize = next(n for n in nodes if n.op == "quantize")
-    last = [n for n in nodes if "w_frac" in n.attrs][-1]
+    last = [n for n in nodes if n.op in WEIGHTED_OPS][-1]
     logits = qm.ir.node(qm.ir.output).inputs[0]
     types = {n.name: n.out for n in nodes}
     assert quantize.out.hi - quantize.out.lo == 255                       # the image: 8-bit codes

@@ -265,7 +265,7 @@ def test_compiles_exactly_on_every_target(model, photo_crops, fp32_logits, targe
         # so only the structure is checked: low-bit cluster codes in all 63 inner layers, first and last 8-bit.
         w_bits = overrides.get("w_bits", 2)
         cluster = [n for n in qm.ir.nodes if n.op in CLUSTER_OPS]
-        assert len(cluster) == 63 and all(n.attrs["w_bits"] == w_bits for n in cluster)
+        assert len(cluster) == 63 and all(n.attrs.w_bits == w_bits for n in cluster)
         lim = 1 if w_bits == 2 else 2 ** (w_bits - 1) - 1
         assert all(int(np.abs(n.consts["t"]).max()) <= lim for n in cluster)
         assert np.isfinite(logits).all()

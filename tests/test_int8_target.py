@@ -62,7 +62,7 @@ def test_requant_multipliers_approximate_the_step_ratio(residual_int8):
     for n in ir.nodes:
         if n.op is Op.REQUANT:
             ratio = types[n.inputs[0]].step / n.out.step
-            m, s = np.asarray(n.attrs["multiplier"]), np.asarray(n.attrs["shift"])
+            m, s = np.asarray(n.attrs.multiplier), np.asarray(n.attrs.shift)
             assert np.all(m < 2**bits) and np.all(m >= 2 ** (bits - 1))
             assert np.all(np.abs(m * np.exp2(-s.astype(float)) / ratio - 1) <= 2.0 ** -(bits - 1))
             checked += 1
@@ -96,7 +96,7 @@ def test_int8_round_trips_through_save_and_load(residual_int8, tmp_path):
 def test_verifier_rejects_a_wrong_multiplier(residual_int8, tmp_path):
     ir = Graph.load(_saved(residual_int8, tmp_path))
     rq = ir.node("fc_rq")
-    rq.attrs["multiplier"] = tuple(m + 3 for m in rq.attrs["multiplier"])
+    rq.attrs = rq.attrs.replace(multiplier=tuple(m + 3 for m in rq.attrs.multiplier))
     with pytest.raises(VerifyError, match="fc_rq.*not the nearest dyadic"):
         ir.verify()
 
@@ -104,7 +104,7 @@ def test_verifier_rejects_a_wrong_multiplier(residual_int8, tmp_path):
 def test_verifier_rejects_a_shift_between_different_mantissas(residual_int8, tmp_path):
     ir = Graph.load(_saved(residual_int8, tmp_path))
     rq = ir.node("fc_rq")
-    del rq.attrs["multiplier"]
+    rq.attrs = rq.attrs.replace(multiplier=None)
     with pytest.raises(VerifyError, match="fc_rq.*mantissas"):
         ir.verify()
 
@@ -138,7 +138,7 @@ def test_int8_weights_are_per_channel_symmetric(residual_int8):
     conv = residual_int8.ir.node("a_0")
     w = conv.consts["w"].astype(np.int64)
     assert np.all(np.abs(w).reshape(len(w), -1).max(axis=1) >= 126)           # max|w| maps to ~127
-    assert len(set(conv.attrs["w_mant"])) > 1                                 # one dyadic step per channel
+    assert len(set(conv.attrs.w_mant)) > 1                                 # one dyadic step per channel
 
 
 def test_int8_quantize_matches_quantize_np():

@@ -33,7 +33,7 @@ def test_every_scale_is_a_power_of_two_and_every_requant_a_shift(qm):
         fracs = n.out.frac if isinstance(n.out.frac, tuple) else (n.out.frac,)
         assert n.out.dtype == "float32" or all(isinstance(f, int) for f in fracs), n.name
         if n.op in (Op.REQUANT, Op.ADD_INT, Op.AVGPOOL_INT):
-            assert np.issubdtype(np.asarray(n.attrs["shift"]).dtype, np.integer)
+            assert np.issubdtype(np.asarray(n.attrs.shift).dtype, np.integer)
     ops = {n.op for n in qm.ir.nodes}
     assert ops <= set(Op) and not any("mul" in o.value for o in ops)
 
@@ -64,7 +64,7 @@ def test_verifier_rejects_non_power_of_two_and_bad_shift(qm):
         g.verify()
     g = copy.deepcopy(qm.ir)
     rq = next(n for n in g.nodes if n.op is Op.REQUANT)
-    rq.attrs["shift"] = tuple(s + 1 for s in np.atleast_1d(rq.attrs["shift"]))
+    rq.attrs = rq.attrs.replace(shift=tuple(s + 1 for s in np.atleast_1d(rq.attrs.shift)))
     with pytest.raises(VerifyError, match=rf"%{rq.name}.*shift"):
         g.verify()
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fxq
+from fxq.ir import WEIGHTED_OPS
 from conftest import assert_three_executors, tiny
 from fxq.targets import _REGISTRY
 
@@ -26,8 +27,8 @@ def test_user_target_compiles_runs_and_exports(my_npu, tmp_path):
             assert n.out.hi <= 63
         if n.out.dtype == "int8":
             assert -32 <= n.out.lo and n.out.hi <= 31
-        if "w_frac" in n.attrs:
-            assert len(set(n.attrs["w_frac"])) == 1, "per-tensor weights: one fractional length per layer"
+        if n.op in WEIGHTED_OPS:
+            assert len(set(n.attrs.w_frac)) == 1, "per-tensor weights: one fractional length per layer"
     assert_three_executors(qm, X * 3)
     qm.export_onnx(tmp_path / "npu.onnx")
 

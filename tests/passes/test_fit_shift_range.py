@@ -23,7 +23,7 @@ def _near_zero_channel_model() -> nn.Module:
 
 
 def _shifts(qm) -> np.ndarray:
-    return np.concatenate([np.atleast_1d(n.attrs["shift"]) for n in qm.ir.nodes if n.op is Op.REQUANT])
+    return np.concatenate([np.atleast_1d(n.attrs.shift) for n in qm.ir.nodes if n.op is Op.REQUANT])
 
 
 @pytest.mark.parametrize("target", ["shift-int", "fixed-point8"])

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import fxq
+from fxq.ir import WEIGHTED_OPS
 from conftest import assert_three_executors, tiny
 from fxq.cli import main
 from fxq.errors import CalibrationError
@@ -95,7 +96,7 @@ def test_shared_residual_steps_stay_shared(images):
 
 def test_lowers_the_searched_formats_on_every_layer(images):
     qm = fxq.compile(tiny("inverted_residual"), images, "shift-int", progress=False, search="hessian", w_bits=4)
-    irw = {n.name: n.attrs["w_frac"] for n in qm.ir.nodes if "w_frac" in n.attrs}
+    irw = {n.name: n.attrs.w_frac for n in qm.ir.nodes if n.op in WEIGHTED_OPS}
     for node in qm.fake.graph.nodes:
         if node.name in irw:
             assert irw[node.name] == tuple(int(f) for f in qm.fake.get_submodule(node.target).w_fmt.frac)
