@@ -28,7 +28,7 @@ Reads: the QConv2d/QLinear, FakeQuant and QAdd modules of insert_fake_quant, ``c
 ``ctx.bias_correction``, ``ctx.bias_correction_samples``.
 Writes: ``bias_q`` of every QConv2d/QLinear (the float ``bias`` stays, so the float model is intact).
 A correction that would push a bias code past the accumulator headroom choose_formats keeps is clipped
-there, with a note. Skipped without calibration data or when ``ctx.bias_correction`` is None.
+there, with a note. PIPELINE runs it only with calibration data and ``ctx.bias_correction`` set.
 Requires: insert_fake_quant.
 """
 from __future__ import annotations
@@ -55,8 +55,6 @@ def _output_error(gm: fx.GraphModule, x: torch.Tensor, ref: torch.Tensor) -> flo
 
 def bias_correction(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     mode = ctx.bias_correction
-    if ctx.calib_batches is None or mode is None:
-        return gm
     if mode != "checked":
         return _correct(gm, ctx, mode)
     layers = [m for m in gm.modules() if isinstance(m, _QWeighted)]

@@ -17,8 +17,8 @@ codes when the target allows them after a ReLU.
 
 Reads: ``meta[KIND]``, ``ctx.target`` (``fit_clamps``, bits, sign, scale kind). Writes: the producer's
 and the consumers' weights and bias, the clamp's bound, ``meta[BN_STATS]`` of the producer (its output
-distribution scales too). Runs after fold_bn and fold_pool_divisor, before insert_observers. Skipped on
-targets with ``fit_clamps`` off and on dyadic targets (any step is available there).
+distribution scales too). Runs after fold_bn and fold_pool_divisor, before insert_observers; PIPELINE runs
+it only on targets with ``fit_clamps`` on whose scales are not dyadic (any step is available there).
 """
 from __future__ import annotations
 
@@ -45,8 +45,6 @@ def clamp_scale(hi: float, bits: int, signed: bool) -> float:
 
 def fit_clamp_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
-    if not t.fit_clamps or t.scale_kind == "dyadic":
-        return gm
     modules = dict(gm.named_modules())
     layers = [n for n in gm.graph.nodes if n.meta.get(meta.KIND) in meta.WEIGHTED]
     fitted: list[str] = []

@@ -38,8 +38,7 @@ Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and posit
   are not rounded.
   ``init="gptq-codes"`` (mode "adaround") starts h(V) at 0.1 or 0.9 on the side of GPTQ's code, so
   the soft weights start next to the codes themselves.
-- mode "gptq": no blocks and no training; each conv/linear is rounded in closed form against its
-  inputs' second moments (passes/reconstruct_gptq, fxq.obq). Steps stay as chosen.
+- mode "gptq" is another pass, reconstruct_gptq, which PIPELINE runs instead of this one.
 - p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
   (the RAPQ code's normalisation; c = ``bn_p_coeff``, 0.1 in that code, 2.0 here so p spans (1, 3)
   around BRECQ's 2-2.4); p = 2 without a BN, or ``lp`` when set. Optional ``bn_match``: the
@@ -61,7 +60,7 @@ Reads: ``ctx.reconstruct`` (ReconstructOptions), ``ctx.calib_batches``, ``meta[B
 fake-quant modules. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its format),
 weight formats and, in "rapq" mode, activation formats (through fxq.tuning, which keeps consumers and
 share_scales groups consistent). Requires: insert_fake_quant; runs after hessian_search and before
-bias_correction.
+bias_correction. PIPELINE runs it only for modes "rapq" and "adaround", with calibration data.
 """
 from __future__ import annotations
 
@@ -83,7 +82,7 @@ from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
 
-from .reconstruct_gptq import reconstruct_gptq, round_on_float_inputs, rounded_layers
+from .reconstruct_gptq import round_on_float_inputs, rounded_layers
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -306,11 +305,7 @@ def _block_fn(gm: fx.GraphModule, block: Block):
 
 
 def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    opts: ReconstructOptions | None = ctx.reconstruct
-    if opts is None or ctx.calib_batches is None:
-        return gm
-    if opts.mode == "gptq":
-        return reconstruct_gptq(gm, ctx)
+    opts: ReconstructOptions = ctx.reconstruct
     rec = _Reconstructor(gm, ctx, opts)
     blocks = split_blocks(gm, opts.chain_layers)
     if not blocks:

@@ -31,6 +31,7 @@ Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``, ``step_search``),
 QConv2d/QLinear modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on
 the grid of its format; formats unchanged unless ``step_search``); with ``inputs="quantized"`` also
 ``bias_q`` (clipped at the accumulator headroom choose_formats keeps, with a note). Cluster formats (dfp-cluster) are refused, naming the layer.
+Requires: insert_fake_quant. PIPELINE runs it, instead of reconstruct, for mode "gptq" with calibration data.
 """
 from __future__ import annotations
 
