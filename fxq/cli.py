@@ -1,4 +1,4 @@
-"""The ``fxq`` command line: demo, compile, show, export, report, targets."""
+"""The ``fxq`` command line: demo, compile, show, export, report, targets, passes."""
 from __future__ import annotations
 
 import ast
@@ -260,6 +260,15 @@ def targets():
     """List the registered hardware targets."""
     from fxq.report import format_table
     rows = [t.as_row() for t in fxq.targets().values()]
+    click.echo(format_table(rows, list(rows[0])))
+
+
+@main.command()
+def passes():
+    """List the pipeline's passes in order: when each runs, what it requires and writes (key?: where found)."""
+    from fxq.passes import PIPELINE
+    from fxq.report import format_table
+    rows = PIPELINE.rows()
     click.echo(format_table(rows, list(rows[0])))
 
 

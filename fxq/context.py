@@ -17,7 +17,7 @@ BIAS_CORRECTION_MODES = ("weights", "empirical", "checked")
 BIAS_CORRECTION_AUTO = {"plain": "weights", "reconstructed": "checked", "bias solved": None}
 # How hessian_search scores a candidate step: squared error weighted by the squared task-loss gradient.
 # "hessian-activations" leaves the weight steps to choose_formats: a search for round-to-nearest steps
-# works against reconstruct="gptq", which rounds with error feedback (README: EfficientNet-Lite1).
+# works against reconstruct="gptq", which rounds with error feedback.
 SEARCH_MODES = ("hessian", "hessian-activations")
 
 
@@ -52,15 +52,12 @@ class ReconstructOptions:
     batch: int = 32
     samples: int = 1024               # calibration samples cached (0: all)
     time_budget: float | None = None  # seconds for the whole pass
-    # rounding variables V. 4e-3, not AdaRound's 1e-3: better on every zoo row measured at W4A4 and W2A4
-    # (README's low-bit table, 2026-12-02), most at W2A4, where 1e-3 had not converged in 2000 iterations.
+    # rounding variables V; 4e-3, not AdaRound's 1e-3, which converges too slowly at W2A4 (docs/notes/from_code.md)
     lr: float = 4e-3
     exp_lr: float = 1e-2              # exponent variables s (they must be able to cross h = 1/2 in the warm-up)
     act_lr: float = 4e-4              # log2 of the activation steps
     # Once a block is learned, each activation step it learned tries the powers of two this far either
-    # side and keeps the one with the least block loss (0: LSQ's value rounded in log2, kept). With lr
-    # 4e-3 and the checked bias correction it is level or better on every zoo row at W4A4 and W2A4
-    # (README's low-bit table, 2026-12-02; MobileNetV2 W2A4 -3.10 -> -2.39).
+    # side and keeps the one with the least block loss (0: LSQ's value rounded in log2, kept).
     act_search: int = 1
     rounding_weight: float = 0.01     # λ
     beta: tuple = (20.0, 2.0)
@@ -80,12 +77,11 @@ class ReconstructOptions:
     init: str = "float"
     # modes "rapq"/"adaround": train a convolutional block on crops whose exact output is patch x patch
     # pixels (fxq.patches) where its output map is at least twice that; 0: whole maps. The before/after
-    # losses stay whole-map. Buys iterations where maps are large (EfficientNet-Lite1's first blocks).
+    # losses stay whole-map. Buys iterations where maps are large.
     patch: int = 0
     # modes "rapq"/"adaround": each block's loss is divided by its value before training and the rounding
     # regulariser is averaged over the block's weights instead of summed, so λ weighs the same whatever
-    # the activations' magnitude (EfficientNet-Lite1's block losses are ~1e3, the zoo's ~1e-3, where λ =
-    # 0.01 summed leaves the first hardly regularised and the second all regulariser) and the layer sizes.
+    # the activations' magnitude and the layer sizes.
     relative_loss: bool = False
 
     @property

@@ -1,23 +1,21 @@
 """bias_correction: cancel the mean error that quantization adds to every conv/linear output.
 
-Rounded weights shift each output channel's mean, and the shift compounds through a deep network: on
-EfficientNet-Lite1 at W8A8 it is most of what power-of-two scales lose. Calibration samples run through
-the fake-quant model node by node, in graph order; at each conv/linear the per-channel mean of
-(quantized output - reference output) is subtracted from the bias the integer graph rounds:
+Rounded weights shift each output channel's mean, and the shift compounds through a deep network.
+Calibration samples run through the fake-quant model node by node, in graph order; at each conv/linear
+the per-channel mean of (quantized output - reference output) is subtracted from the bias the integer
+graph rounds:
 
 - ``"weights"`` (default): the reference is the same layer with float weights and bias on the same
   quantized input, so the correction cancels exactly this layer's rounding bias (the bias-correction
-  term of Nagel et al., "Data-Free Quantization", 2019, measured on data instead of derived from BN).
+  term of Nagel et al., "Data-Free Quantization", 2019, taken on data instead of derived from BN).
 - ``"empirical"``: the reference is the float model's output at that layer, so the correction also
-  absorbs the mean of the error arriving from upstream (clipping included). Stronger where formats
-  rarely clip; where they clip often the upstream error depends on the image and a constant shift
-  fitted on a few photographs can hurt (measured: fixed-point8 on EfficientNet-Lite1), hence not the default.
+  absorbs the mean of the error arriving from upstream (clipping included). Not the default: where
+  formats clip often, that error depends on the image and a constant shift can hurt.
 - ``"checked"``: ``"empirical"``, kept only if it brings the network's output closer to the float
-  model's (squared error over up to 1024 calibration samples, a seeded subset); otherwise every bias is put
-  back. compile() picks it after reconstruct: the rounding reconstruct learns is biased on purpose, to
-  absorb the error arriving from upstream, so ``"weights"`` would undo it; and whether the empirical
-  shift helps on top depends on the model (measured in README's low-bit section: it gained on
-  MobileNetV2 and collapsed ResNet at W2A4).
+  model's (squared error over up to 1024 calibration samples, a seeded subset); otherwise every bias is
+  put back. compile() picks it after reconstruct, whose learned rounding is biased on purpose (to absorb
+  the error arriving from upstream), so ``"weights"`` would undo it.
+Measurements behind these choices: docs/notes/from_code.md.
 
 The corrected bias is rounded to the accumulator step like any bias, so the integer graph, its three
 executors and their exactness are unchanged. All samples pass each node at once (node-major, each
@@ -28,7 +26,7 @@ Reads: the QConv2d/QLinear, FakeQuant and QAdd modules of insert_fake_quant, ``c
 ``ctx.bias_correction``, ``ctx.bias_correction_samples``.
 Writes: ``bias_q`` of every QConv2d/QLinear (the float ``bias`` stays, so the float model is intact).
 A correction that would push a bias code past the accumulator headroom choose_formats keeps is clipped
-there, with a note. Skipped without calibration data or when ``ctx.bias_correction`` is None.
+there, with a note. PIPELINE runs it only with calibration data and ``ctx.bias_correction`` set.
 Requires: insert_fake_quant.
 """
 from __future__ import annotations
@@ -55,8 +53,6 @@ def _output_error(gm: fx.GraphModule, x: torch.Tensor, ref: torch.Tensor) -> flo
 
 def bias_correction(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     mode = ctx.bias_correction
-    if ctx.calib_batches is None or mode is None:
-        return gm
     if mode != "checked":
         return _correct(gm, ctx, mode)
     layers = [m for m in gm.modules() if isinstance(m, _QWeighted)]

@@ -1,8 +1,8 @@
 """calibrate: run the float model on the calibration batches and feed every qpoint's observer.
 
 Reads: ``meta[OBSERVER]``, ``meta[FUSED_ACT]``, ``ctx.calib_batches``. Writes: the observers' statistics
-(a fused activation's observer also gets the moments of its producer's output). Skipped when
-``ctx.calib_batches`` is None (data_free_stats fills the observers instead).
+(a fused activation's observer also gets the moments of its producer's output). PIPELINE runs it only
+with calibration data (data_free_stats fills the observers otherwise).
 Raises CalibrationError for empty data, NaN/inf values, or batches whose shape does not match.
 """
 from __future__ import annotations
@@ -47,8 +47,6 @@ def check_batches(batches, example: torch.Tensor) -> list[torch.Tensor]:
 
 
 def calibrate(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    if ctx.calib_batches is None:
-        return gm
     feeder = _Feeder(gm)
     with torch.no_grad():
         for batch in tqdm(ctx.calib_batches, desc="fxq calibrate", unit="batch", disable=not ctx.progress,

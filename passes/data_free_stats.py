@@ -8,7 +8,7 @@ average pooling keeps the input's spread (conservative: it never clips more than
 The model input is uniform over ``ctx.input_range`` (or the example batch's range, with a note).
 
 Reads: ``meta[KIND]``, ``meta[BN_STATS]``, ``meta[OBSERVER]``, ``meta[SHAPE]``. Writes: the observers,
-``meta[DATA_FREE]`` = (mean, std) per qpoint. Skipped when calibration data was given.
+``meta[DATA_FREE]`` = (mean, std) per qpoint. PIPELINE runs it only without calibration data.
 """
 from __future__ import annotations
 
@@ -66,8 +66,6 @@ def _maxpool(rng, src: _Dist, kernel) -> _Dist:
 
 
 def data_free_stats(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    if ctx.calib_batches is not None:
-        return gm
     rng = np.random.default_rng(ctx.seed)
     modules = dict(gm.named_modules())
     dists: dict[str, _Dist] = {}

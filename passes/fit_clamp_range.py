@@ -5,9 +5,8 @@ reach 7.97, so codes 193..255 are never used and the step is a third coarser tha
 that produces the activation is multiplied by s = top * 2**-f / hi (weights and bias, f the finest
 step whose codes still reach ``hi``), the clamp's bound by s, and every layer that reads the
 activation (through zero padding, pooling, flatten or reshape) is divided by s. The network computes
-the same function, and the clamp now sits on the top code: for ReLU6 and 8-bit codes s = 1.328, and
-the activation's rounding error falls by 2.5 dB. On EfficientNet-Lite1 (W8A8, shift-int; README, a
-/tmp probe) that is more than half of what power-of-two activation steps lose against float steps.
+the same function, and the clamp now sits on the top code (for ReLU6 and 8-bit codes s = 1.328). What
+that gains, measured: docs/notes/from_code.md.
 
 Applies to clamps with a lower bound of 0 and a finite upper bound whose input comes only from one
 conv/linear and whose value reaches only conv/linear layers (canonicalize has made sure each layer is
@@ -17,8 +16,8 @@ codes when the target allows them after a ReLU.
 
 Reads: ``meta[KIND]``, ``ctx.target`` (``fit_clamps``, bits, sign, scale kind). Writes: the producer's
 and the consumers' weights and bias, the clamp's bound, ``meta[BN_STATS]`` of the producer (its output
-distribution scales too). Runs after fold_bn and fold_pool_divisor, before insert_observers. Skipped on
-targets with ``fit_clamps`` off and on dyadic targets (any step is available there).
+distribution scales too). Runs after fold_bn and fold_pool_divisor, before insert_observers; PIPELINE runs
+it only on targets with ``fit_clamps`` on whose scales are not dyadic (any step is available there).
 """
 from __future__ import annotations
 
@@ -45,8 +44,6 @@ def clamp_scale(hi: float, bits: int, signed: bool) -> float:
 
 def fit_clamp_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     t = ctx.target
-    if not t.fit_clamps or t.scale_kind == "dyadic":
-        return gm
     modules = dict(gm.named_modules())
     layers = [n for n in gm.graph.nodes if n.meta.get(meta.KIND) in meta.WEIGHTED]
     fitted: list[str] = []

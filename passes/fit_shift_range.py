@@ -9,8 +9,8 @@ the fake-quant model and the integer graph keep computing the same thing.
 
 Reads: the FakeQuant after each QConv2d/QLinear (through a fused ReLU/clamp), the layer's input and
 weight fractional lengths. Writes: the layer's weight format (coarser steps for those channels only),
-with a note naming the layer. Skipped on dyadic targets (their requant is a multiplier and a shift
-fitted to the scale ratio) and for cluster-shared weight scales.
+with a note naming the layer. Cluster-shared weight scales are left alone. PIPELINE runs it only on
+targets whose scales are not dyadic (there the requant is a multiplier and a shift fitted to the scale ratio).
 Requires: insert_fake_quant; runs last, after every pass that moves a step.
 """
 from __future__ import annotations
@@ -27,8 +27,6 @@ from fxq.walk import requant_source
 
 
 def fit_shift_range(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    if ctx.target.scale_kind == "dyadic":
-        return gm
     modules = dict(gm.named_modules())
     changed = False
     for node in gm.graph.nodes:

@@ -23,7 +23,7 @@ to choose_formats (their requant multipliers are fixed at insert_fake_quant); bo
 Reads: ``ctx.search``, ``ctx.search_samples``, ``ctx.calib_batches``, the FakeQuant and QConv2d/QLinear
 modules. Writes (through fxq.tuning): FakeQuant formats, ``meta[ACT_FMT]``, consumers' input formats,
 weight formats and ``meta[W_FMT]``. Requires: insert_fake_quant; runs before reconstruct and
-bias_correction.
+bias_correction. PIPELINE runs it only when ``ctx.search`` is set, with calibration data.
 """
 from __future__ import annotations
 
@@ -169,8 +169,6 @@ def _search_weights(gm, ctx, modules, x) -> int:
 
 
 def hessian_search(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    if ctx.search is None or ctx.calib_batches is None:
-        return gm
     t = ctx.target
     modules = dict(gm.named_modules())
     x = ctx.samples(ctx.search_samples)

@@ -1,67 +1,31 @@
 """reconstruct: learn each block's weight rounding, and on power-of-two targets its steps, so that the
 quantized block reproduces the float block's output (BRECQ/AdaRound, with RAPQ's power-of-two steps).
 
-Blocks (``split_blocks``): a *cut* is a FakeQuant after which exactly one value is live, i.e. every later
-node depends on the network only through it. Consecutive cuts delimit segments (a residual block is
-one segment: its input stays live until the add). Segments without a conv/linear join the next one,
-and runs of single-layer segments (plain chains) are merged up to ``chain_layers`` layers.
+Blocks (``split_blocks``): the graph is cut at each FakeQuant after which exactly one value is live;
+runs of single-layer segments are merged up to ``chain_layers`` layers. Per block, in network order,
+on cached inputs (the quantized input from the blocks already reconstructed; the target, the float
+block on the float input), one Adam optimiser learns against ``sum_channels |O - Ô|^p``:
 
-Per block, in network order, on cached inputs: the quantized input comes from the already
-reconstructed blocks before it, the target is the float block on the float input. Learned, in one
-Adam optimiser, against ``sum_channels |O - Ô|^p`` (mean over samples and positions):
+- the weight rounding (AdaRound, fxq.relaxed), in every mode;
+- mode "rapq" on power-of-two targets, also each output channel's power-of-two weight step and the
+  activation steps whose whole share_scales group lies in the block; both are hardened to powers of
+  two at the end of the warm-up, and each learned activation step then tries the powers of two within
+  ``act_search``. Mode "adaround": the steps stay as chosen before (any target, dyadic int8 included);
+- ``init="gptq"`` / ``"gptq-codes"``: the rounding starts from GPTQ's (passes/reconstruct_gptq);
+- mode "gptq" is another pass, reconstruct_gptq, which PIPELINE runs instead of this one.
 
-- weight rounding (AdaRound): W_q = Δ·clip(⌊W/Δ⌋ + h(V), lo, hi), h the rectified sigmoid, V
-  initialised so h(V) = frac(W/Δ); after a warm-up, the regulariser λ·Σ(1 - |2h(V) - 1|^β) with β
-  annealed from ``beta[0]`` to ``beta[1]`` drives h to 0/1, and the end keeps h >= 1/2.
-- mode "rapq", power-of-two targets: per output channel, Δ = 2^(⌊log2 d0⌋ + h(s)) with d0 the
-  squared-error-optimal float step, so each channel trades rounding against clipping between its two
-  power-of-two neighbours (h(s) starts on the side of the neighbour with less squared error, see
-  fxq.relaxed); activation steps are learned (LSQ gradient on log2 Δ) where their whole share_scales
-  group lies in the block. At the end of the warm-up both are hardened: h(s) >= 1/2 picks the coarser
-  neighbour, activation steps snap to the nearest power of two, AdaRound restarts on the hard grid,
-  and only the rounding keeps learning. Once the block is written back, each activation step it
-  learned tries the powers of two within ``act_search`` and keeps the one with the least loss of the
-  real fake-quant block (LSQ moves a log2 step by a fraction of a unit, so the snap alone gives the
-  start back).
-  Where the RAPQ code slips (read for this pass): its exponent is never made an integer (the hard
-  branch reuses the soft value and is frozen after 500 iterations), activation steps are neither
-  snapped nor, in fact, learned, and zero points stay float; here every step that lowers is a power
-  of two and the verifier checks the integer graph that results.
-- mode "adaround": steps stay as chosen before (any target, dyadic int8 included: the float-scale
-  reference); only the rounding is learned.
-- ``init="gptq"``: before the first block, every layer's ``weight_q`` becomes GPTQ's compensated weights
-  (float-input moments; the values OBQ rounded to nearest), so the soft weights h(V) = frac(W/Δ) start
-  at those values, which round to GPTQ's codes, and each block's "before" loss is GPTQ's; at the end
-  every weight is put on its grid (a reverted block keeps GPTQ's codes). Mode "rapq" still learns the
-  exponents, from those weights. The soft start is not GPTQ's solution: each compensated value
-  corrects the rounding errors of the columns rounded before it, and in the soft forward those columns
-  are not rounded.
-  ``init="gptq-codes"`` (mode "adaround") starts h(V) at 0.1 or 0.9 on the side of GPTQ's code, so
-  the soft weights start next to the codes themselves.
-- mode "gptq": no blocks and no training; each conv/linear is rounded in closed form against its
-  inputs' second moments (passes/reconstruct_gptq, fxq.obq). Steps stay as chosen.
-- p: BN-based, p = round(1 + c·sigmoid((Σγ - 1)/C), 1) from the BN folded into the block's last layer
-  (the RAPQ code's normalisation; c = ``bn_p_coeff``, 0.1 in that code, 2.0 here so p spans (1, 3)
-  around BRECQ's 2-2.4); p = 2 without a BN, or ``lp`` when set. Optional ``bn_match``: the
-  quantized output of each folded layer is pulled towards its BN's per-channel mean and std.
-- ``patch`` = n > 0: a block made of convolutions, zero pads and pointwise ops whose output map is at
-  least 2n on a side trains on random crops of its cached maps whose exact output is n x n pixels
-  (fxq.patches); the loss of a crop is the whole map's at those pixels, at (crop / map)^2 of the cost.
-- QDrop (``qdrop`` = probability): during training each quantized activation, block input included,
-  is replaced elementwise by its float value with that probability.
-
-A block whose loss (measured through the real fake-quant modules on the first cached samples) ends
-higher than it started is put back as it was; the note says which.
-
-Cost: ``iters`` per block, batches of ``batch`` from at most ``samples`` cached samples; ``time_budget``
-seconds for the whole pass lowers the iterations of the blocks left (the note records how many each
-ran; only then does the result depend on the machine's speed). Deterministic under ``ctx.seed``.
+p is BN-based (``bn_p_coeff``) unless ``lp`` is set; ``patch`` trains on crops (fxq.patches),
+``qdrop`` swaps quantized activations for float ones at random, ``bn_match`` pulls each folded layer's
+output towards its BN's statistics. A block whose loss ends higher than it started is put back, with a
+note. ``iters`` per block, or a ``time_budget`` for the pass (only then does the result depend on the
+machine's speed); deterministic under ``ctx.seed``. The algorithm in full, and where the RAPQ reference
+code differs: docs/notes/from_code.md.
 
 Reads: ``ctx.reconstruct`` (ReconstructOptions), ``ctx.calib_batches``, ``meta[BN_STATS]``, the
 fake-quant modules. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its format),
 weight formats and, in "rapq" mode, activation formats (through fxq.tuning, which keeps consumers and
 share_scales groups consistent). Requires: insert_fake_quant; runs after hessian_search and before
-bias_correction.
+bias_correction. PIPELINE runs it only for modes "rapq" and "adaround", with calibration data.
 """
 from __future__ import annotations
 
@@ -83,7 +47,7 @@ from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_
 from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
 
-from .reconstruct_gptq import reconstruct_gptq, round_on_float_inputs, rounded_layers
+from .reconstruct_gptq import round_on_float_inputs, rounded_layers
 
 _EVAL_SAMPLES = 256     # cached samples the before/after loss of each block is measured on
 
@@ -306,11 +270,7 @@ def _block_fn(gm: fx.GraphModule, block: Block):
 
 
 def reconstruct(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    opts: ReconstructOptions | None = ctx.reconstruct
-    if opts is None or ctx.calib_batches is None:
-        return gm
-    if opts.mode == "gptq":
-        return reconstruct_gptq(gm, ctx)
+    opts: ReconstructOptions = ctx.reconstruct
     rec = _Reconstructor(gm, ctx, opts)
     blocks = split_blocks(gm, opts.chain_layers)
     if not blocks:

@@ -6,11 +6,9 @@ depthwise convs, over every output position) come from one float pass, then fxq.
 the steps choose_formats and hessian_search picked. Nothing is trained, so it takes one forward pass
 and a few seconds of linear algebra, and the result is deterministic.
 
-Where it pays: layers whose inputs are strongly correlated. A depthwise filter that differentiates
-nearly equal neighbours (EfficientNet-Lite1's first blocks, folded weights up to 14) turns the sum of
-its rounding errors into output error; round-to-nearest leaves that sum to chance. Measured on
-EfficientNet-Lite1 W8A8 with activations in float: 92.41% -> 97.3% top-1 agreement (README, a /tmp
-probe).
+Where it pays: layers whose inputs are strongly correlated, such as a depthwise filter that
+differentiates nearly equal neighbours, where round-to-nearest leaves the sum of the rounding errors
+(which becomes output error) to chance. Measurements: docs/notes/from_code.md.
 
 With ``inputs="quantized"`` each layer is fitted where it will run: on the inputs the quantized model
 gives it, every upstream layer already rounded and every activation already on its codes, against what
@@ -19,18 +17,17 @@ centred moments H̃ = Cov[x̃], C = Cov[x, x̃], the output error E||W x + b - (
 ||Q - W C H̃⁻¹||² in H̃ plus a constant once b' = b + W E[x] - Q E[x̃]: the rows W C H̃⁻¹ are rounded
 against H̃ as above and the bias follows the rounded rows. This is the asymmetric calibration of GPTAQ
 (Li et al., 2025): the closed form absorbs what upstream rounding and input quantization did to this
-layer's input. Measured (README): on the Fashion-MNIST zoo it takes W2A4 from unusable to within 2-5
-points of FP32; on EfficientNet-Lite1 W4A4 it is far worse than the float-input fit, because matching
-each layer's output mean there breaks the network. Samples walk the graph node by node, float and
+layer's input. Samples walk the graph node by node, float and
 quantized side by side (fxq.stepwise): one pass each, every live value held for all ``samples``.
 
 With ``step_search`` each output channel's power of two is chosen by the output error its rounding
-leaves, among its step times 2**j, |j| <= step_search (measured: no gain on EfficientNet-Lite1, README).
+leaves, among its step times 2**j, |j| <= step_search.
 
 Reads: ``ctx.reconstruct`` (``samples``, ``damp``, ``inputs``, ``step_search``), ``ctx.calib_batches``, the
 QConv2d/QLinear modules and their weight formats. Writes: ``weight_q`` of every QConv2d/QLinear (values on
 the grid of its format; formats unchanged unless ``step_search``); with ``inputs="quantized"`` also
 ``bias_q`` (clipped at the accumulator headroom choose_formats keeps, with a note). Cluster formats (dfp-cluster) are refused, naming the layer.
+Requires: insert_fake_quant. PIPELINE runs it, instead of reconstruct, for mode "gptq" with calibration data.
 """
 from __future__ import annotations
 

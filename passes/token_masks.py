@@ -10,6 +10,7 @@ and rewrites the uses as ``islands.TokenMaskedSoftmax(scores, valid)`` and
 
 Reads: ``ctx.example_input`` (integer: token ids). Writes: the rewritten nodes; ``meta[KIND]`` =
 "token_mask" on the comparison. Raises UnsupportedOp, naming the node, for any other use of the ids.
+PIPELINE runs it only when the model input is token ids (an integer tensor).
 """
 from __future__ import annotations
 
@@ -123,8 +124,6 @@ def _mean_pattern(mul: fx.Node, mask: fx.Node):
 
 def token_masks(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     example = ctx.example_input
-    if example.is_floating_point():
-        return gm
     (ids,) = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ShapeProp(gm).propagate(example)
     masks = _Masks(gm, ids)

@@ -1,6 +1,8 @@
 """Tiny named models that every pass and exactness test runs over, and the three-executor check."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxq.evaluate import executor_codes
+
+# Every pipeline run in the tests holds each pass to its declared requires/writes (fxq.pipeline).
+os.environ.setdefault("FXQ_CHECK_PASSES", "1")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
