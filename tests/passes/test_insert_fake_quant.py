@@ -5,7 +5,8 @@ import torch
 
 from conftest import PASS_X as X, run_until, tiny
 from fxq import meta
-from fxq.passes import PIPELINE
+from fxq.fakequant import FakeQuant, QConv2d, QLinear, set_quantization
+from fxq.passes import PIPELINE, insert_fake_quant
 
 
 def test_fake_quant_model_values_sit_on_their_grids():
@@ -24,3 +25,21 @@ def test_fake_quant_model_values_sit_on_their_grids():
         codes = v * 2.0 ** fmt.frac
         assert torch.equal(codes, torch.round(codes)), name
         assert codes.min() >= fmt.range.lo and codes.max() <= fmt.range.hi
+
+
+def test_every_qpoint_is_read_through_its_fake_quant_and_every_layer_rounds_its_weights():
+    model = tiny("residual")
+    gm, _ = run_until(model, insert_fake_quant)
+    nodes = list(gm.graph.nodes)
+    quantized = [n for n in nodes if n.meta.get(meta.ROLE) in ("qpoint", "input")]
+    fqs = [n for n in nodes if n.meta.get(meta.KIND) == "fake_quant"]
+    assert len(quantized) == len(fqs) == 10      # input, 5 ReLUs, the 2 convs feeding adds directly, pool, fc
+    for fq in fqs:
+        (src,) = fq.args
+        assert src in quantized and set(src.users) == {fq}, f"{src.name} is read around its FakeQuant"
+        assert isinstance(gm.get_submodule(fq.target), FakeQuant) and meta.ACT_FMT in fq.meta
+    layers = [n for n in nodes if n.meta.get(meta.KIND) in meta.WEIGHTED]
+    assert len(layers) == 6 and all(isinstance(gm.get_submodule(n.target), (QConv2d, QLinear)) for n in layers)
+    set_quantization(gm, False)                       # quantization off: the folded float model
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X), rtol=1e-4, atol=1e-4)
