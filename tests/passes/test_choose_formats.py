@@ -22,4 +22,5 @@ def test_choose_formats_relu6_uses_the_code_range():
 
 def test_choose_formats_per_tensor_weights():
     gm, _ = run_until(tiny("residual"), choose_formats, ctx(w_granularity="tensor"))
+    assert sum(meta.W_FMT in n.meta for n in gm.graph.nodes) == 6
     assert all(len(set(n.meta[meta.W_FMT].frac)) == 1 for n in gm.graph.nodes if meta.W_FMT in n.meta)

@@ -21,6 +21,7 @@ def test_fake_quant_model_values_sit_on_their_grids():
             return out
     with torch.no_grad():
         Grab(gm.double()).run(X.double())
+    assert len(values) == 5, sorted(values)     # input, the stem's and both branches' ReLUs, fc
     for name, (v, fmt) in values.items():
         codes = v * 2.0 ** fmt.frac
         assert torch.equal(codes, torch.round(codes)), name
