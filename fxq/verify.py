@@ -62,6 +62,7 @@ def verify(g) -> None:
         if not spec.reads_twin:
             chk(all(t.twin is None for t in ins), "twin codes may only be read by twin_expand")
         chk(isinstance(n.attrs, spec.Attrs), f"attributes {type(n.attrs).__name__} are not {spec.Attrs.__name__}")
+        chk(n.out.dtype == "float32" or n.out.dtype in DTYPE_RANGES, f"output has unknown dtype {n.out.dtype!r}")
         spec.verify(n, ins, chk, ctx)     # op rules first: they explain *why* a range is out of bounds
         _check_type(chk, n.out, "output")
         types[n.name] = n.out

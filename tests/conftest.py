@@ -1,6 +1,8 @@
-"""Tiny named models that every pass and exactness test runs over, and the three-executor check."""
+"""Tiny named models that every pass and exactness test runs over, the pass runner the tests under
+tests/passes/ share, and the three-executor check."""
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -9,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxq.context import CompileContext
 from fxq.evaluate import executor_codes
+from fxq.passes import PIPELINE
+from fxq.pipeline import run_passes
+from fxq.targets import get_target
+from fxq.trace import trace
 
 # Every pipeline run in the tests holds each pass to its declared requires/writes (fxq.pipeline).
 os.environ.setdefault("FXQ_CHECK_PASSES", "1")
@@ -122,6 +129,22 @@ def tiny_model(request):
 def images():
     g = torch.Generator().manual_seed(1)
     return torch.randn(24, 1, 28, 28, generator=g)
+
+
+# The pass tests' calibration batch (tests/passes/test_<pass>.py import it as X).
+PASS_X = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def pass_ctx(calib=True, **kw):
+    """A shift-int CompileContext (``kw`` overrides target fields), calibrated on PASS_X unless not ``calib``."""
+    return CompileContext(get_target("shift-int", **kw), PASS_X[:1], [PASS_X] if calib else None, progress=False)
+
+
+def run_until(model, last, c=None):
+    """Trace a copy of ``model`` and run PIPELINE up to and including the pass ``last``: (gm, ctx)."""
+    c = c or pass_ctx()
+    passes = PIPELINE[: PIPELINE.index(last) + 1]
+    return run_passes(trace(copy.deepcopy(model)), c, passes), c
 
 
 def three_executors(qm, x: torch.Tensor) -> dict[str, np.ndarray]:

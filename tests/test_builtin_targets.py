@@ -132,6 +132,7 @@ def test_edge_layers_keep_eight_bit_weights():
     weighted = [n for n in qm.ir.nodes if n.op in (Op.CONV2D_INT, Op.LINEAR_INT, *CLUSTER_OPS)]
     assert weighted[0].op is Op.CONV2D_INT and weighted[-1].op is Op.LINEAR_INT
     assert weighted[0].attrs.w_bits == 8 and weighted[-1].attrs.w_bits == 8
+    assert len(weighted) == 6                       # stem, a, b, c, down, fc
     assert all(n.op in CLUSTER_OPS for n in weighted[1:-1])
 
 

@@ -45,6 +45,7 @@ def test_state_dict_loads_strictly_under_both_key_names(weights):
     assert sa.keys() == sb.keys() == E.remap_state_dict(weights).keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert sum(isinstance(m, E.MBConv) for m in a.modules()) == 21
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in a.modules()) > 21
     assert all(m.eps == 1e-3 for m in a.modules() if isinstance(m, nn.BatchNorm2d))
 
 
@@ -152,6 +153,7 @@ def test_photo_splits_are_disjoint():
     assert crops.shape == (len(names), E.INPUT_SIZE, E.INPUT_SIZE, 3) and crops.dtype.name == "uint8"
     assert not set(names) & set(eval_names)
     assert len(names) + len(eval_names) >= 300
+    assert names
     assert all(photos.split_of(n) == "calib" for n in names)
 
 

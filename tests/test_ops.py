@@ -129,3 +129,14 @@ def test_the_op_table_in_the_docs_is_generated_from_the_code():
     tool = Path(__file__).resolve().parent.parent / "tools" / "doc_ops.py"
     done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_fxq_ops_lists_every_op_with_its_attributes():
+    from click.testing import CliRunner
+    from fxq.cli import main
+    out = CliRunner().invoke(main, ["ops"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()[2:]
+    assert [ln.split()[0] for ln in lines] == [op.value for op in OPS]
+    requant = next(ln for ln in lines if ln.startswith("requant "))
+    assert "shift, rounding, multiplier=None" in requant and "requantizing" in requant

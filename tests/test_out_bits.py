@@ -29,6 +29,7 @@ def test_output_codes_widen_and_stay_exact(images, last_relu, dtype):
     before = {n.name: (n.out.dtype, n.out.frac) for n in narrow.ir.nodes if n.op is Op.REQUANT}
     after = {n.name: (n.out.dtype, n.out.frac) for n in wide.ir.nodes if n.op is Op.REQUANT}
     out = wide.ir.output_codes().name
+    assert len(before) == len(after) == 2 and out in after      # the conv's requant and the output's
     assert {k: v for k, v in before.items() if k != out} == {k: v for k, v in after.items() if k != out}
     # 8 more bits over the same range: the step is 2**8 finer
     assert wide.ir.output_codes().out.frac == narrow.ir.output_codes().out.frac + 8

@@ -54,6 +54,7 @@ def test_weights_column_names_the_layer_and_the_model_stays_quantized(images):
     rep = qm.report(images, sensitivity=True, progress=False)
     conv_rows = [r for r in rep.rows if r["op"] in ("conv2d_int", "linear_int")]
     assert len(conv_rows) == 2 and all(r["w alone dB"] != "-" for r in conv_rows)
+    assert len(rep.rows) > len(conv_rows)
     assert all(r["w alone dB"] == "-" for r in rep.rows if r not in conv_rows)
     assert torch.equal(qm(images), before)         # every quantizer is back on
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq.backends import onnx_qdq
-from fxq.errors import InputError, UnsupportedOp
+from fxq.errors import InputError
 from fxq.ir import Op
 from fxq.zoo.text import PAD_ID, TextEncoder, random_sentences
 
@@ -64,19 +64,6 @@ def test_token_ids_outside_the_vocabulary_are_refused(encoder):
     x[0, 0] = 10_000
     with pytest.raises(InputError, match="token ids outside"):
         qm.run(x.numpy())
-
-
-def test_other_uses_of_token_ids_are_refused_with_the_node():
-    class Bad(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok = nn.Embedding(50, 8)
-
-        def forward(self, ids):
-            return self.tok(ids) * (ids > 3).float().unsqueeze(-1)
-
-    with pytest.raises(UnsupportedOp, match=r"node 'mul'.*computed from the token ids"):
-        fxq.compile(Bad().eval(), torch.randint(0, 50, (8, 6)), progress=False)
 
 
 @pytest.mark.parametrize("spelling", ["op", "method", "torch"])

@@ -14,21 +14,27 @@ def non_batch_axis(axis, rank: int) -> bool:
     return is_int(axis) and -rank <= axis < rank and axis % rank != 0
 
 
-def same_format_ok(chk, n, ins) -> None:
+def same_format_ok(chk, n, ins, keeps_range: bool = True) -> None:
+    """Inputs and output share dtype, scale and zero point; unless the op clamps, the output's declared code
+    range holds every input's (a narrower one would understate the bounds of the layers that read it)."""
     for t in ins:
         chk(t.dtype == n.out.dtype and t.frac == n.out.frac and t.mant == n.out.mant and t.zp == n.out.zp,
             f"input {t.short()} and output {n.out.short()} must share dtype, scale and zero point")
+        if keeps_range:
+            chk(n.out.lo <= t.lo and n.out.hi >= t.hi, f"output code range [{n.out.lo}, {n.out.hi}] does not hold the "
+                                                       f"input's [{t.lo}, {t.hi}]")
 
 
 class _SameFormat(OpSpec):
     same_format = True
     arity = 1
+    clamps = False                # the output range may be narrower than the input's (clamp_int)
 
     def verify(self, n, ins, chk, ctx):
         chk(len(ins) == self.arity if self.arity else len(ins) >= 1,
             f"{self.name} takes {self.arity or 'one or more'} input(s), got {len(ins)}")
         self.check(n, ins, chk)
-        same_format_ok(chk, n, ins)
+        same_format_ok(chk, n, ins, keeps_range=not self.clamps)
 
     def check(self, n, ins, chk) -> None:
         """The op's own attribute rules."""
@@ -102,6 +108,7 @@ class ClampInt(_SameFormat):
     name = "clamp_int"
     doc = "codes clamped (a standalone ReLU / ReLU6)"
     Attrs = ClampAttrs
+    clamps = True
 
     def check(self, n, ins, chk):
         chk(n.out.lo == n.attrs.lo and n.out.hi == n.attrs.hi, "clamp bounds differ from the output range")

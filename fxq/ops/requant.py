@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Attrs, OpSpec
-from .checks import acc_fits, multiplier_ok, rounding_ok, same_step, shift_ok
+from .checks import NARROW, acc_fits, multiplier_ok, rounding_ok, same_step, shift_ok
 from .kernels import rescale
 from .text import frac_text
 
@@ -40,6 +40,7 @@ class Requant(OpSpec):
     def verify(self, n, ins, chk, ctx):
         a = n.attrs
         chk(len(ins) == 1 and ins[0].dtype == "int32", "requant takes an int32 accumulator")
+        chk(n.out.dtype in NARROW, f"requant must produce narrow codes, not {n.out.dtype}")
         rounding_ok(chk, a.rounding)
         if a.multiplier is not None:
             multiplier_ok(chk, a.multiplier, a.shift, ins[0].step / n.out.step, ins[0].max_abs)

@@ -66,6 +66,7 @@ def test_weights_mode_cancels_each_layers_rounding_bias(name):
     after = own_rounding_bias(fake_model(model, "weights", w_bits=4)[0])
     worst_before = max(float((m.abs() / s).max()) for m, s in before.values())
     assert worst_before > 1.0, "4-bit weights should leave a mean error above one accumulator step"
+    assert after.keys() == before.keys()
     for layer, (mean, step) in after.items():
         # what is left is the bias code's own rounding: at most half an accumulator step (+ float32 noise)
         assert bool((mean.abs() <= 0.5 * step + 1e-4 * (1 + mean.abs())).all()), (layer, mean, step)
@@ -90,6 +91,7 @@ def test_float_model_is_untouched_and_only_bias_q_moves():
 
 def test_off_leaves_bias_q_equal_to_bias():
     gm, c = fake_model(tiny("residual"), None)
+    assert sum(isinstance(m, _QWeighted) for m in gm.modules()) == 6
     for m in gm.modules():
         if isinstance(m, _QWeighted):
             assert torch.equal(m.bias_q, m.bias)
@@ -120,6 +122,7 @@ def test_checked_keeps_the_empirical_correction_only_when_the_output_gets_closer
     emp, _ = fake_model(tiny("inverted_residual"), "empirical", w_bits=w_bits, a_bits=4)
     checked, c = fake_model(tiny("inverted_residual"), "checked", w_bits=w_bits, a_bits=4)
     best = emp if _output_error(emp) < _output_error(none) else none
+    assert sum(isinstance(m, _QWeighted) for m in checked.modules()) == 6
     for name, m in checked.named_modules():
         if isinstance(m, _QWeighted):
             assert torch.equal(m.bias_q, best.get_submodule(name).bias_q), name
@@ -138,6 +141,7 @@ def test_checked_puts_every_bias_back_when_the_correction_hurts(monkeypatch):
         return gm
     monkeypatch.setattr(bc, "_correct", harmful)
     gm, c = fake_model(tiny("residual"), "checked", w_bits=4)
+    assert sum(isinstance(m, _QWeighted) for m in gm.modules()) == 6
     for m in gm.modules():
         if isinstance(m, _QWeighted):
             assert torch.equal(m.bias_q, m.bias)      # as insert_fake_quant left them

@@ -80,6 +80,7 @@ def test_activations_mode_keeps_every_weight_step(images):
     w = lambda qm: {n: m.w_fmt.frac for n, m in qm.fake.named_modules() if isinstance(m, _QWeighted)}
     a = lambda qm: {n: m.fmt.frac for n, m in qm.fake.named_modules() if isinstance(m, FakeQuant)}
     assert w(acts) == w(plain) and w(full) != w(plain)       # the full search does move weights here
+    assert a(full)
     assert a(acts) == a(full)                                 # the activation search is the same
     assert any("weight steps kept" in n and "0 weight channel step(s)" in n for n in acts.notes)
     assert_three_executors(acts, images)
@@ -97,6 +98,7 @@ def test_shared_residual_steps_stay_shared(images):
 def test_lowers_the_searched_formats_on_every_layer(images):
     qm = fxq.compile(tiny("inverted_residual"), images, "shift-int", progress=False, search="hessian", w_bits=4)
     irw = {n.name: n.attrs.w_frac for n in qm.ir.nodes if n.op in WEIGHTED_OPS}
+    assert len(irw) == 6 and set(irw) <= {node.name for node in qm.fake.graph.nodes}
     for node in qm.fake.graph.nodes:
         if node.name in irw:
             assert irw[node.name] == tuple(int(f) for f in qm.fake.get_submodule(node.target).w_fmt.frac)

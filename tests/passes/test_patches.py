@@ -115,6 +115,7 @@ def test_reconstruction_on_crops_lowers_the_whole_map_loss_and_stays_exact():
 
 def test_without_the_option_nothing_is_cropped():
     _, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(iters=5, samples=16, batch=8), w_bits=4, a_bits=4)
+    assert ctx.reconstruct_history
     assert all(h["patch"] is None for h in ctx.reconstruct_history)
 
 

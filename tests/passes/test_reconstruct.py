@@ -101,6 +101,7 @@ def test_rounding_hardens_to_floor_or_floor_plus_one():
     gm, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(mode="adaround", **QUICK), w_bits=4, a_bits=4)
     kept = {layer for h in ctx.reconstruct_history if h["kept"] for layer in h["layers"]}
     assert kept                                      # (a block that ends worse is put back as it came)
+    assert set(_grid_offsets(gm, kept)) == kept
     for name, offsets in _grid_offsets(gm, kept).items():
         assert set(offsets) <= {0.0, 1.0}, (name, offsets)
     # the rounding really was learned: some codes are not round-to-nearest
@@ -201,6 +202,7 @@ def test_deterministic_under_a_seed():
 def test_time_budget_cuts_iterations():
     _, ctx = fake_model(tiny("residual"), recon=ReconstructOptions(iters=100000, samples=64, batch=16,
                                                                    time_budget=2.0), w_bits=4, a_bits=4)
+    assert ctx.reconstruct_history
     assert all(h["iters"] < 100000 for h in ctx.reconstruct_history)
 
 

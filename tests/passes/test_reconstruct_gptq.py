@@ -89,6 +89,7 @@ def test_output_error_no_worse_than_nearest(name):
 def test_weights_on_the_grid_exact_and_deterministic():
     runs = [fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, reconstruct="gptq", w_bits=4,
                         a_bits=4) for _ in range(2)]
+    assert sum(isinstance(m, _QWeighted) for m in runs[0].fake.modules()) == 6
     for m in (m for m in runs[0].fake.modules() if isinstance(m, _QWeighted)):
         scale = 2.0 ** torch.as_tensor(m.w_fmt.frac_array, dtype=torch.float64).reshape(-1, *[1] * (m.weight.dim() - 1))
         codes = m.weight_q.double() * scale
@@ -205,6 +206,7 @@ def test_quantized_inputs_fit_beats_the_float_inputs_fit_on_those_inputs():
 def test_quantized_inputs_model_is_on_the_grid_and_exact():
     qm = fxq.compile(tiny("inverted_residual"), X, "shift-int", progress=False, w_bits=4, a_bits=4,
                      reconstruct={"mode": "gptq", "inputs": "quantized"})
+    assert sum(isinstance(m, _QWeighted) for m in qm.fake.modules()) == 6
     for m in (m for m in qm.fake.modules() if isinstance(m, _QWeighted)):
         scale = 2.0 ** torch.as_tensor(m.w_fmt.frac_array, dtype=torch.float64).reshape(-1, *[1] * (m.weight.dim() - 1))
         codes = m.weight_q.double() * scale
