@@ -39,7 +39,7 @@ class DyadicRequant(nn.Module):
         return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
     def forward(self, x, rounding: Rounding) -> torch.Tensor:
-        acc = torch.round(x * torch.exp2(self._channels(self.src_frac, x)) / self._channels(self.src_mant, x))
+        acc = round_torch(x * torch.exp2(self._channels(self.src_frac, x)) / self._channels(self.src_mant, x))
         scaled = acc * self._channels(self.multiplier, x) * torch.exp2(-self._channels(self.shift, x))
         return round_torch(scaled, rounding)
 
@@ -86,7 +86,7 @@ class QAdd(nn.Module):
         if not self.enabled:
             return a + b
         (sa, sb), (ma, mb) = self.steps, self.multipliers
-        return torch.round(a / sa) * ma + torch.round(b / sb) * mb
+        return round_torch(a / sa) * ma + round_torch(b / sb) * mb
 
 
 class _QWeighted(nn.Module):
@@ -296,7 +296,7 @@ class IntNonlinear(nn.Module):
             return y
         from . import int_nonlinear as inl
         c, mask, key_mask = self.constants()
-        codes = torch.round(x.detach().double() * 2.0 ** self.in_fmt.frac).to(torch.int64)
+        codes = round_torch(x.detach().double() * 2.0 ** self.in_fmt.frac).to(torch.int64)
         r = self.out_fmt.range
         out = inl.apply(self.fn, inl.TORCH, codes, c, r.lo, r.hi, mask,
                         None if valid is None else valid.to(torch.int64), key_mask)

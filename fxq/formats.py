@@ -199,6 +199,29 @@ def requant_np(acc: np.ndarray, shift, rng: IntRange, mode: Rounding = DEFAULT_R
     return rng.clip_np(shift_round_np(acc, shift, mode))
 
 
+# Integer-only rounding over an array adapter ``xp`` (fxq.int_nonlinear.IntOps: numpy int64, torch, float64
+# values, or the ONNX tracer), so the integer kernels round exactly as shift_round_np's HALF_EVEN.
+def _round_up(xp, q, rem, div):
+    """q, plus one where rem / div (0 <= rem < div) is above a half, or exactly a half and q is odd."""
+    odd = q - xp.shift_right_floor(q, 1) * 2
+    up = (rem * 2 > div) | ((rem * 2 == div) & (odd == 1))
+    return xp.where(up, q + 1, q)
+
+
+def round_shift(xp, x, k: int):
+    """x * 2**-k rounded half to even, for a constant k >= 0: shift_round_np's HALF_EVEN."""
+    if k == 0:
+        return x
+    q = xp.shift_right_floor(x, k)
+    return _round_up(xp, q, x - q * 2 ** k, 2 ** k)
+
+
+def round_div(xp, a, b):
+    """a / b rounded half to even, for a positive integer (tensor) b."""
+    q = xp.floor_div(a, b)
+    return _round_up(xp, q, a - q * b, b)
+
+
 def max_bias_code(acc_bits: int) -> float:
     """Largest |bias code| fxq allows: half the accumulator's range stays free for the products."""
     return exp2(acc_bits - 2)

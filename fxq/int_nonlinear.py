@@ -21,7 +21,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .formats import ACC_RANGE, FP64_EXACT_BITS, IntRange, int_range, quantize_np
+from .formats import ACC_RANGE, FP64_EXACT_BITS, IntRange, int_range, quantize_np, round_div, round_shift  # noqa: F401
 
 CODE_RANGE = int_range(16, signed=True)   # supported input codes: int16, hence int8 and uint8 as well
 EXACT_BITS = FP64_EXACT_BITS - 1          # intermediates stay below 2**52: exact in float64, with a bit spare
@@ -192,27 +192,6 @@ def ops_for(q) -> IntOps:
 # ---------------------------------------------------------------------------------------------
 # exact building blocks
 # ---------------------------------------------------------------------------------------------
-def _round_up(xp: IntOps, q, rem, div):
-    """q, plus one where rem / div (0 <= rem < div) is above a half, or exactly a half and q is odd."""
-    odd = q - xp.shift_right_floor(q, 1) * 2
-    up = (rem * 2 > div) | ((rem * 2 == div) & (odd == 1))
-    return xp.where(up, q + 1, q)
-
-
-def round_shift(xp: IntOps, x, k: int):
-    """x * 2**-k rounded half to even, for a constant k >= 0: formats.shift_round_np's HALF_EVEN."""
-    if k == 0:
-        return x
-    q = xp.shift_right_floor(x, k)
-    return _round_up(xp, q, x - q * 2 ** k, 2 ** k)
-
-
-def round_div(xp: IntOps, a, b):
-    """a / b rounded half to even, for a positive integer (tensor) b."""
-    q = xp.floor_div(a, b)
-    return _round_up(xp, q, a - q * b, b)
-
-
 def isqrt(xp: IntOps, x, bits: int = ISQRT_BITS):
     """floor(sqrt(x)) for integers 0 <= x < 2**bits (bits even), exactly.
 

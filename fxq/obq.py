@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .formats import round_torch
+
 
 def damped(hess: torch.Tensor, damp: float) -> torch.Tensor:
     """H + damp * mean(diag H) * I over a batch [B, K, K]: invertible even where an input never varies
@@ -48,7 +50,7 @@ def obq_round(w: torch.Tensor, hess: torch.Tensor, step: torch.Tensor, lo: int, 
         col = work[:, :, i]
         if updated:
             before[:, :, i] = col
-        q = torch.clamp(torch.round(col / step), lo, hi) * step
+        q = torch.clamp(round_torch(col / step), lo, hi) * step
         err = (col - q) / u[:, i, i, None]
         work[:, :, i] = q
         work[:, :, i + 1:] -= err[:, :, None] * u[:, None, i, i + 1:]
