@@ -272,6 +272,16 @@ def passes():
     click.echo(format_table(rows, list(rows[0])))
 
 
+@main.command()
+def ops():
+    """List the integer IR's ops: what each does, its attributes (= default) and its kind properties."""
+    from fxq.ops import table
+    from fxq.report import format_table
+    rows = [{"op": r["op"], "attributes": ", ".join(r["attrs"]) or "-", "kinds": ", ".join(r["kinds"]) or "-",
+             "what it does": r["doc"]} for r in table()]
+    click.echo(format_table(rows, list(rows[0])))
+
+
 def run():
     """Entry point that turns fxq's own errors into one clear line and exit status 1."""
     try:
