@@ -32,7 +32,7 @@ fashion-mnist:
 # Fashion-MNIST CNNs (tools/bench.py), then EfficientNet-Lite1 on real photos (tools/bench_efficientnet.py),
 # then the ViT (tools/bench_vit.py: twin-uniform + Hessian against naive, float islands and integer-only),
 # then the low-bit rows (tools/bench_lowbit.py: Hessian search and reconstruction, several hours on 2 cores);
-# each writes docs/ and its README block.
+# each writes its tables to docs/bench/ (README.md keeps a hand-copied summary).
 bench: $(STAMP) fashion-mnist photos
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench_efficientnet.py

@@ -3,7 +3,7 @@
 For every zoo model, on the full Fashion-MNIST test set (10k real images), calibration on 512 training
 images: accuracy, compile/calibration seconds, ONNX Runtime latency at batch 1 and 64 (FP32 vs fxq's
 export vs ORT's own quantized model), reference-backend throughput and the three-executor exactness
-rate. Writes docs/bench.md and docs/bench.json, and the table into README.md between the markers.
+rate. Writes docs/bench/cnn.md and docs/bench/cnn.json (README.md's summary table is copied by hand).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import onnxruntime
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "docs" / "bench"     # every bench tool writes its tables here
 sys.path.insert(0, str(ROOT / "tools"))
 
 import baselines  # noqa: E402
@@ -30,7 +31,6 @@ from fxq import data, zoo  # noqa: E402
 from fxq.backends import onnx_qdq  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
-README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 # (row label, target, bits, overrides; None = data-free). Cluster targets keep 8-bit first/last layers.
 # Calibrated rows use fxq's default bias correction ("weights"); two rows show each target without it.
 FXQ_CONFIGS = [
@@ -153,8 +153,9 @@ def main(argv=None):
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
-    p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--out", type=Path, default=BENCH_DIR)
+    p.add_argument("--no-readme", action="store_true", help="no effect: README.md is never written (kept so "
+                   "recorded commands still run)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -169,12 +170,10 @@ def main(argv=None):
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
             "test_images": len(test_x), "calib_images": len(calib_x)}
-    args.out.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, meta)
-    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "bench.md").write_text("# fxq benchmark\n\n" + md + "\n")
-    if not args.no_readme:
-        write_readme_block(md, README_BEGIN, README_END)
+    (args.out / "cnn.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "cnn.md").write_text("# fxq benchmark\n\n" + md + "\n")
     print("\n" + md)
 
 
@@ -188,14 +187,6 @@ def fashion_mnist_split(calib: int, limit: int | None):
     if limit:
         test_x, test_y = test_x[:limit], test_y[:limit]
     return calib_x, test_x, test_y
-
-
-def write_readme_block(md: str, begin: str, end: str) -> None:
-    """Replace README.md's text between the ``begin`` and ``end`` markers (left alone if either is missing)."""
-    readme = (ROOT / "README.md").read_text()
-    if begin in readme and end in readme:
-        pre, rest = readme.split(begin, 1)
-        (ROOT / "README.md").write_text(f"{pre}{begin}\n{md}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

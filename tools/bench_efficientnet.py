@@ -2,10 +2,9 @@
 baselines, scored without labels: top-1 agreement with the FP32 model and logit SQNR, on crops of real
 photographs (calibration and evaluation crops come from disjoint photos; see fxq/photos.py).
 
-Writes docs/bench_efficientnet.md/.json (or --out DIR) and, on a full run only, the table into README.md
-between the effnet markers. A partial run (--calib, --limit, --skip-baselines, --no-exact, --ort-configs)
-never touches README.md. With --lowbit, --methods LABEL... runs only those rows and merges them into the
-table already in docs/ (each row keeps the date and command it was measured with).
+Writes docs/bench/efficientnet.md/.json (or --out DIR; with --lowbit, efficientnet_lowbit.md/.json).
+With --lowbit, --methods LABEL... runs only those rows and merges them into the table already in
+docs/bench/ (each row keeps the date and command it was measured with).
 Smoke test: python tools/bench_efficientnet.py --calib 16 --limit 16 --out /tmp/effnet
 """
 from __future__ import annotations
@@ -35,10 +34,8 @@ from fxq.errors import FxqError  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 from fxq.formats import IntRange, Rounding, quantize_np  # noqa: E402
 from fxq.zoo import efficientnet_lite  # noqa: E402
-from bench import write_readme_block  # noqa: E402
+from bench import BENCH_DIR  # noqa: E402
 
-README_BEGIN, README_END = "<!-- effnet:begin -->", "<!-- effnet:end -->"
-LOWBIT_BEGIN, LOWBIT_END = "<!-- effnet-lowbit:begin -->", "<!-- effnet-lowbit:end -->"
 # (label, target, bits, overrides); rows use fxq's default bias correction ("weights") unless they say not.
 FXQ_CONFIGS = [
     ("fxq shift-int", "shift-int", "W8A8", {}),
@@ -59,7 +56,7 @@ EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
 _RECON = {"samples": 128, "batch": 8, "time_budget": 1200}
 _RECON_1E3 = {**_RECON, "lr": 1e-3}
 # AdaRound from GPTQ's codes on 12px crops with a loss relative to each block's start, λ at that scale
-# (README: EfficientNet-Lite1, "What that was").
+# (docs/notes/lowbit.md: EfficientNet-Lite1, "What that was").
 _ADAROUND_CROPS = {"mode": "adaround", "init": "gptq", "samples": 0, "batch": 16, "iters": 2000, "patch": 12,
                    "relative_loss": True, "rounding_weight": 100.0, "time_budget": 2400}
 LOWBIT_CONFIGS = [
@@ -114,7 +111,7 @@ LOWBIT_CONFIGS = [
                                              "search": "hessian-activations", "out_bits": 16,
                                              "reconstruct": {"mode": "gptq", "inputs": "quantized"}}),
     # 2026-12-03: the training graph's bias on the accumulator grid (fix), crops, and a loss relative to
-    # each block's start so that λ regularises at EfficientNet's loss scale (README: "What that was").
+    # each block's start so that λ regularises at EfficientNet's loss scale (docs/notes/lowbit.md: "What that was").
     ("fxq shift-int W4A4 + clamp fit + activation Hessian search + AdaRound from GPTQ on 12px crops, relative "
      "loss, 16-bit logits", "shift-int", "W4A4",
      {"w_bits": 4, "a_bits": 4, **EDGES, "fit_clamps": True, "search": "hessian-activations", "out_bits": 16,
@@ -182,15 +179,15 @@ def main(argv=None):
     p.add_argument("--more-crops", type=int, default=MORE_CROPS_PER_PHOTO, metavar="N",
                    help=f"also score every fxq row on crops {photos.CROPS_PER_PHOTO}..N-1 of each evaluation photo, "
                         "which no choice of method or option looked at (0: skip)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
-    p.add_argument("--no-readme", action="store_true", help="never write README.md (partial runs never do)")
+    p.add_argument("--out", type=Path, default=BENCH_DIR)
+    p.add_argument("--no-readme", action="store_true", help="no effect: README.md is never written (kept so "
+                   "recorded commands still run)")
     p.add_argument("--lowbit", action="store_true", help="run the Hessian-search/reconstruction rows instead of "
-                   "the targets and baselines (writes bench_efficientnet_lowbit.md/.json and README's effnet-lowbit "
-                   "block)")
+                   "the targets and baselines (writes efficientnet_lowbit.md/.json)")
     p.add_argument("--methods", nargs="+", metavar="LABEL",
                    help="with --lowbit: run only the rows whose label is one of these (or, for a LABEL that is no row's "
                         "whole label, starts with it), and merge them into "
-                        "the existing docs/bench_efficientnet_lowbit.json (same label and bits: replaced)")
+                        "the existing docs/bench/efficientnet_lowbit.json (same label and bits: replaced)")
     args = p.parse_args(argv)
     cli_args = sys.argv[1:] if argv is None else list(argv)
     if args.methods and not args.lowbit:
@@ -202,9 +199,7 @@ def main(argv=None):
         if not configs:
             p.error(f"--methods {args.methods} matches no --lowbit row; rows: {[label for label, *_ in LOWBIT_CONFIGS]}")
     t_start = time.perf_counter()
-    partial = (args.calib is not None or args.limit is not None or args.skip_baselines or args.no_exact
-               or args.ort_configs is not None)
-    if args.lowbit:                  # its own table and README block; the baselines are the other table's
+    if args.lowbit:                  # its own table; the baselines are the other table's
         args.skip_baselines = True
     ort_configs = baselines.ort_configs()
     unknown = sorted(set(args.ort_configs or ()) - set(ort_configs))
@@ -314,7 +309,7 @@ def main(argv=None):
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "fp32_margin_quantiles": {f"{q:g}": round(float(np.quantile(margin, q)), 3) for q in MARGIN_QUANTILES}}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_efficientnet_lowbit" if args.lowbit else "bench_efficientnet"
+    stem = "efficientnet_lowbit" if args.lowbit else "efficientnet"
     for r in rows:
         r.update(date=meta["date"], command=meta["command"])
     if args.methods:
@@ -322,10 +317,6 @@ def main(argv=None):
     md = markdown(rows, meta)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text("# EfficientNet-Lite1 benchmark\n\n" + md + "\n")
-    if not args.no_readme and not partial:
-        write_readme_block(md, *((LOWBIT_BEGIN, LOWBIT_END) if args.lowbit else (README_BEGIN, README_END)))
-    elif partial and not args.no_readme:
-        print("partial run (--calib/--limit/--skip-baselines/--no-exact/--ort-configs): README.md left alone", flush=True)
     print(f"\nwrote {args.out / (stem + '.md')} and .json; {time.perf_counter() - t_start:.0f} s in all")
     print("\n" + md)
 

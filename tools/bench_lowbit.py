@@ -26,7 +26,8 @@ and the logits keep 8-bit codes: ``edge_w_bits=8, edge_a_bits=8``; W2 weights ar
 - RAPQ reconstruction whose learned rounding starts from GPTQ's compensated weights (``init="gptq"``).
 
 Accuracy on the full test set, wall time of the compile, and the three-executor exactness on the first
-``--exact`` test images. Writes docs/bench_lowbit.md/.json and README's ``lowbit`` block.
+``--exact`` test images. Writes docs/bench/lowbit.md/.json; ``--part NAME`` writes
+docs/bench/lowbit_parts/NAME.json and ``--merge`` combines such parts into docs/bench/lowbit.md/.json.
 """
 from __future__ import annotations
 
@@ -46,13 +47,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench import fashion_mnist_split, write_readme_block  # noqa: E402
+from bench import BENCH_DIR, fashion_mnist_split  # noqa: E402
 
 import fxq  # noqa: E402
 from fxq import zoo  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
-README_BEGIN, README_END = "<!-- lowbit:begin -->", "<!-- lowbit:end -->"
 EDGES = {"edge_w_bits": 8, "edge_a_bits": 8}
 BITS = {"W8A8": {"w_bits": 8, "a_bits": 8}, "W4A4": {"w_bits": 4, "a_bits": 4, **EDGES},
         "W2A4": {"w_bits": 2, "a_bits": 4, "w_full_range": True, **EDGES},
@@ -159,13 +159,12 @@ def recovered(rows: list[dict]) -> list[str]:
     return out
 
 
-def markdown(rows: list[dict], meta: dict, list_parts: bool = True) -> str:
-    """The table and its footer. A merged table's part commands are listed only with ``list_parts``
-    (docs/bench_lowbit.md); the README's copy points there."""
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The table and its footer; a merged table lists each part's command."""
     parts = meta.get("parts")
     how = (f"in {len(parts)} runs of tools/bench_lowbit.py, one per part, merged with `{meta['command']}` (the first "
            f"part with a row gives it)" if parts else f"with `{meta['command']}`")
-    where = "" if not parts else " Each part's command:" if list_parts else " Each part's command: docs/bench_lowbit.md."
+    where = " Each part's command:" if parts else ""
     out = ["| model | bits | method | accuracy % | Δ vs FP32 | compile s | exact % |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         exact = f"{r['exact']:.2f}" if r["exact"] is not None else "–"
@@ -179,7 +178,7 @@ def markdown(rows: list[dict], meta: dict, list_parts: bool = True) -> str:
             f"Measured {meta['date']} {how} on {meta['machine']} "
             f"(torch {meta['torch']}, onnxruntime {meta['onnxruntime']}); test set: {meta['test_images']} images, "
             f"calibration: {meta['calib_images']} training images." + where]
-    if parts and list_parts:
+    if parts:
         out += [""] + [f"- {part}: `{cmd}`" for part, cmd in parts]
     return "\n".join(out)
 
@@ -192,14 +191,14 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per block (default: fxq's)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--exact", type=int, default=2000, help="test images the three executors are compared on")
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--out", type=Path, default=BENCH_DIR)
     p.add_argument("--threads", type=int, default=2, help="torch threads (1 each when models run side by side)")
     p.add_argument("--methods", nargs="+", metavar="PREFIX",
                    help="only these rows: a full label picks that row, anything else is a prefix "
                         "(e.g. '+ RAPQ'); a part to merge")
-    p.add_argument("--part", metavar="NAME", help="write docs/bench_lowbit_NAME.json only (merge with --merge)")
+    p.add_argument("--part", metavar="NAME", help="write docs/bench/lowbit_parts/NAME.json only (merge with --merge)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
-                   help="combine part files into docs/bench_lowbit.md/.json and the README block")
+                   help="combine part files (docs/bench/lowbit_parts/*.json) into docs/bench/lowbit.md/.json")
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
@@ -220,17 +219,16 @@ def main(argv=None):
             "recon": f"{opts.iters} iterations per block, batch {opts.batch}, {opts.samples} samples, "
                      f"QDrop {opts.qdrop}, BN-based p (c = {opts.bn_p_coeff}); rounding lr, activation step "
                      f"search and bias correction per row (its label, tools/bench_lowbit.py)"}
-    args.out.mkdir(exist_ok=True)
     if args.part:
         meta["command"] = "python tools/bench_lowbit.py " + shlex.join(sys.argv[1:])
-        (args.out / f"bench_lowbit_{args.part}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "lowbit_parts").mkdir(parents=True, exist_ok=True)
+        (args.out / "lowbit_parts" / f"{args.part}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         return
+    args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, meta)
     suffix = "" if full or not (args.limit or args.iters) else "_partial"
-    (args.out / f"bench_lowbit{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / f"bench_lowbit{suffix}.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
-    if not suffix and not args.limit:
-        write_readme_block(md, README_BEGIN, README_END)
+    (args.out / f"lowbit{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / f"lowbit{suffix}.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
     print("\n" + md)
 
 
@@ -261,10 +259,10 @@ def merge(parts: list[Path], out: Path) -> None:
     meta["parts"] = [(Path(n).stem.removeprefix("bench_lowbit_"), d["meta"]["command"]) for n, d in zip(names, loaded)]
     meta["command"] = "python tools/bench_lowbit.py --merge " + " ".join(names)
     meta["date"] = ", ".join(sorted({d["meta"]["date"] for d in loaded}))
-    (out / "bench_lowbit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (out / "bench_lowbit.md").write_text("# fxq low-bit benchmark\n\n" + markdown(rows, meta) + "\n")
-    md = markdown(rows, meta, list_parts=False)
-    write_readme_block(md, README_BEGIN, README_END)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(rows, meta)
+    (out / "lowbit.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "lowbit.md").write_text("# fxq low-bit benchmark\n\n" + md + "\n")
     print(md)
 
 

@@ -7,7 +7,7 @@ fxq twin-uniform + Hessian-guided search (fxq's shift-int defaults plus ``search
 with the nonlinearities as float64 islands and with fxq's integer-only kernels; and torch.ao FX PTQ and
 ONNX Runtime quantize_static side by side. Accuracy is the integer reference backend's; "exact %" is
 reference == ONNX Runtime on the export == float64 fake-quant, output codes, on the first --exact
-test images. Writes docs/bench_vit.md/.json and the README block between the bench-vit markers.
+test images. Writes docs/bench/vit.md/.json (with --part NAME, docs/bench/vit_NAME.md/.json).
 """
 from __future__ import annotations
 
@@ -30,13 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import baselines  # noqa: E402
-from bench import fashion_mnist_split, write_readme_block  # noqa: E402
+from bench import BENCH_DIR, fashion_mnist_split  # noqa: E402
 
 import fxq  # noqa: E402
 from fxq import zoo  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 
-README_BEGIN, README_END = "<!-- bench-vit:begin -->", "<!-- bench-vit:end -->"
 NAIVE = {"w_granularity": "tensor", "exp_search_radius": 0, "twin_uniform": (), "bias_correction": None}
 TWIN_HESSIAN = {"search": "hessian"}
 ISLANDS = {"float islands": {"float_islands": "all"}, "integer-only": {"float_islands": ()}}
@@ -126,12 +125,13 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--exact", type=int, default=1000, help="test images for the three-executor check")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "docs")
-    p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--out", type=Path, default=BENCH_DIR)
+    p.add_argument("--no-readme", action="store_true", help="no effect: README.md is never written (kept so "
+                   "recorded commands still run)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--nonlinear", nargs="+", default=list(ISLANDS), choices=list(ISLANDS))
     p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--part", default=None, help="write docs/bench_vit_<part>.md/.json, leave the README alone")
+    p.add_argument("--part", default=None, help="write docs/bench/vit_<part>.md/.json instead of vit.md/.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -145,13 +145,11 @@ def main(argv=None):
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "test_images": len(test_x), "calib_images": len(calib_x),
             "exact_images": min(args.exact, len(test_x))}
-    args.out.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, meta)
-    stem = "bench_vit" + (f"_{args.part}" if args.part else "")
+    stem = "vit" + (f"_{args.part}" if args.part else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / f"{stem}.md").write_text("# fxq benchmark: vision transformer\n\n" + md + "\n")
-    if not args.no_readme and not args.part:
-        write_readme_block(md, README_BEGIN, README_END)
     print("\n" + md)
 
 

@@ -1,4 +1,4 @@
-"""Print the README's "Targets" examples from real compiles: `fxq targets`, an excerpt of the dfp-cluster
+"""Print docs/targets.md's examples from real compiles: `fxq targets`, an excerpt of the dfp-cluster
 and int8 integer graphs of the zoo ResNet, and their reports (calibration: 512 Fashion-MNIST training
 images, report on 256 test images).
 

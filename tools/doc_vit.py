@@ -1,4 +1,4 @@
-"""Print the README's "Transformers" examples from real compiles of the zoo ViT: one attention block and
+"""Print docs/transformers.md's examples from real compiles of the zoo ViT: one attention block and
 MLP of its integer graph (integer-only kernels, twin-uniform codes) and its report summary, with and
 without float islands (calibration: 512 Fashion-MNIST training images, report on 256 test images).
 
