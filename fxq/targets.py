@@ -54,7 +54,7 @@ class Target:
     edge_a_bits: int | None = None
     # The network's output codes (the logits). Nothing inside the network reads them, so wider codes cost
     # no multiplier; at 8 bits EfficientNet-Lite1's logits round to steps of 2**-3, which by itself ties or
-    # flips 4.5% of its top-1s (README). None: ``edge_a_bits`` if set, else ``a_bits``.
+    # flips 4.5% of its top-1s (docs/bench/efficientnet_lowbit.md). None: ``edge_a_bits`` if set, else ``a_bits``.
     out_bits: int | None = None
     # Weight codes use the whole signed range, -2**(b-1) included (2 bits: four levels -2..1, as RAPQ
     # and BRECQ count 2-bit weights); False keeps them symmetric (2 bits: ternary -1, 0, +1).
