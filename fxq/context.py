@@ -76,7 +76,7 @@ class ReconstructOptions:
     # step_search), so training starts at GPTQ's codes and a block never ends worse than them.
     init: str = "float"
     # modes "rapq"/"adaround": train a convolutional block on crops whose exact output is patch x patch
-    # pixels (fxq.patches) where its output map is at least twice that; 0: whole maps. The before/after
+    # pixels (fxq.passes.calibration.patches) where its output map is at least twice that; 0: whole maps. The before/after
     # losses stay whole-map. Buys iterations where maps are large.
     patch: int = 0
     # modes "rapq"/"adaround": each block's loss is divided by its value before training and the rounding

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from fxq.context import CompileContext
 from fxq.fakequant import _QWeighted, set_quantization
-from fxq.stepwise import CHUNK, run_node, walk
+from fxq.passes.calibration.stepwise import CHUNK, run_node, walk
 
 _CHECK_SAMPLES = 1024    # at most this many calibration samples judge a "checked" correction
 

@@ -22,6 +22,7 @@ removed; conv, linear and BatchNorm stay as call_module.
 Softmax, GELU and LayerNorm are computed in float64 (fxq.islands), as every executor computes them.
 
 Raises UnsupportedOp naming the node, its op and the user's source line for anything else.
+Over 400 lines because it is the front end's one table of spellings, read top to bottom.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from fxq import meta
 from fxq.context import CompileContext
 from fxq.fakequant import FakeQuant, _QWeighted
-from fxq.tuning import set_weight_frac, sync_weight_meta
+from fxq.passes.calibration.tuning import set_weight_frac, sync_weight_meta
 from fxq.verify import MAX_SHIFT
 from fxq.walk import requant_source
 

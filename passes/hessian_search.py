@@ -21,7 +21,7 @@ fixed-point8. dfp-cluster's cluster scales keep fxq.clusters' L2 choice; dyadic 
 to choose_formats (their requant multipliers are fixed at insert_fake_quant); both are noted.
 
 Reads: ``ctx.search``, ``ctx.search_samples``, ``ctx.calib_batches``, the FakeQuant and QConv2d/QLinear
-modules. Writes (through fxq.tuning): FakeQuant formats, ``meta[ACT_FMT]``, consumers' input formats,
+modules. Writes (through fxq.passes.calibration.tuning): FakeQuant formats, ``meta[ACT_FMT]``, consumers' input formats,
 weight formats and ``meta[W_FMT]``. Requires: insert_fake_quant; runs before reconstruct and
 bias_correction. PIPELINE runs it only when ``ctx.search`` is set, with calibration data.
 """
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from fxq.context import CompileContext
 from fxq.fakequant import FakeQuant, QConv2d, _QWeighted, set_quantization
 from fxq.formats import fake_quant, fake_twin
-from fxq.tuning import fake_quant_nodes, set_activation_format, set_weight_frac, share_group, sync_weight_meta
+from fxq.passes.calibration.tuning import fake_quant_nodes, set_activation_format, set_weight_frac, share_group, sync_weight_meta
 
 _BATCH = 8           # samples per forward/backward: bounds the memory of every captured tensor
 

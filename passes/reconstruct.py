@@ -6,7 +6,7 @@ runs of single-layer segments are merged up to ``chain_layers`` layers. Per bloc
 on cached inputs (the quantized input from the blocks already reconstructed; the target, the float
 block on the float input), one Adam optimiser learns against ``sum_channels |O - Ô|^p``:
 
-- the weight rounding (AdaRound, fxq.relaxed), in every mode;
+- the weight rounding (AdaRound, fxq.passes.calibration.relaxed), in every mode;
 - mode "rapq" on power-of-two targets, also each output channel's power-of-two weight step and the
   activation steps whose whole share_scales group lies in the block; both are hardened to powers of
   two at the end of the warm-up, and each learned activation step then tries the powers of two within
@@ -14,7 +14,7 @@ block on the float input), one Adam optimiser learns against ``sum_channels |O -
 - ``init="gptq"`` / ``"gptq-codes"``: the rounding starts from GPTQ's (passes/reconstruct_gptq);
 - mode "gptq" is another pass, reconstruct_gptq, which PIPELINE runs instead of this one.
 
-p is BN-based (``bn_p_coeff``) unless ``lp`` is set; ``patch`` trains on crops (fxq.patches),
+p is BN-based (``bn_p_coeff``) unless ``lp`` is set; ``patch`` trains on crops (fxq.passes.calibration.patches),
 ``qdrop`` swaps quantized activations for float ones at random, ``bn_match`` pulls each folded layer's
 output towards its BN's statistics. A block whose loss ends higher than it started is put back, with a
 note. ``iters`` per block, or a ``time_budget`` for the pass (only then does the result depend on the
@@ -23,7 +23,7 @@ code differs: docs/notes/from_code.md.
 
 Reads: ``ctx.reconstruct`` (ReconstructOptions), ``ctx.calib_batches``, ``meta[BN_STATS]``, the
 fake-quant modules. Writes: ``weight_q`` of every QConv2d/QLinear (values on the grid of its format),
-weight formats and, in "rapq" mode, activation formats (through fxq.tuning, which keeps consumers and
+weight formats and, in "rapq" mode, activation formats (through fxq.passes.calibration.tuning, which keeps consumers and
 share_scales groups consistent). Requires: insert_fake_quant; runs after hessian_search and before
 bias_correction. PIPELINE runs it only for modes "rapq" and "adaround", with calibration data.
 """
@@ -37,14 +37,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxq import meta
-from fxq.blocks import Block, block_graph, split_blocks
+from fxq.passes.calibration.blocks import Block, block_graph, split_blocks
 from fxq.context import CompileContext, ReconstructOptions
 from fxq.errors import CalibrationError, UnsupportedOp, describe_node
 from fxq.fakequant import FakeQuant, QAdd, _QWeighted, set_quantization
-from fxq.patches import PatchPlan, crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
-from fxq.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
+from fxq.passes.calibration.patches import PatchPlan, crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
+from fxq.passes.calibration.relaxed import (FrozenQuant, LearnedAct, SoftLayer, bn_lp_exponent, bn_match_loss, qdrop,
                          rectified_sigmoid, rounding_regulariser)
-from fxq.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
+from fxq.passes.calibration.tuning import fit_bias, set_activation_frac, set_weight_frac, share_group, sync_weight_meta
 from fxq.walk import attr_value
 
 from .reconstruct_gptq import round_on_float_inputs, rounded_layers

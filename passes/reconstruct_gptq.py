@@ -1,8 +1,8 @@
-"""reconstruct, mode "gptq": layer-wise reconstruction in closed form (OBQ/GPTQ rounding, fxq.obq).
+"""reconstruct, mode "gptq": layer-wise reconstruction in closed form (OBQ/GPTQ rounding, fxq.passes.calibration.obq).
 
 Each conv/linear minimises E||(W - Q) x||² over its rounded weights Q, with x its input in the float
 model on calibration samples: the input second moments H = E[x xᵀ] (per group for grouped and
-depthwise convs, over every output position) come from one float pass, then fxq.obq rounds the rows on
+depthwise convs, over every output position) come from one float pass, then fxq.passes.calibration.obq rounds the rows on
 the steps choose_formats and hessian_search picked. Nothing is trained, so it takes one forward pass
 and a few seconds of linear algebra, and the result is deterministic.
 
@@ -18,7 +18,7 @@ centred moments H̃ = Cov[x̃], C = Cov[x, x̃], the output error E||W x + b - (
 against H̃ as above and the bias follows the rounded rows. This is the asymmetric calibration of GPTAQ
 (Li et al., 2025): the closed form absorbs what upstream rounding and input quantization did to this
 layer's input. Samples walk the graph node by node, float and
-quantized side by side (fxq.stepwise): one pass each, every live value held for all ``samples``.
+quantized side by side (fxq.passes.calibration.stepwise): one pass each, every live value held for all ``samples``.
 
 With ``step_search`` each output channel's power of two is chosen by the output error its rounding
 leaves, among its step times 2**j, |j| <= step_search.
@@ -43,9 +43,9 @@ from fxq.context import CompileContext
 from fxq.errors import UnsupportedOp, describe_node
 from fxq.fakequant import QConv2d, _QWeighted, set_quantization
 from fxq.formats import step_of
-from fxq.obq import damped, obq_round
-from fxq.stepwise import run_node, walk
-from fxq.tuning import set_weight_frac, sync_weight_meta
+from fxq.passes.calibration.obq import damped, obq_round
+from fxq.passes.calibration.stepwise import run_node, walk
+from fxq.passes.calibration.tuning import set_weight_frac, sync_weight_meta
 
 _UNFOLD_ELEMENTS = 2**24        # unfolded patches per piece of a batch, to bound memory
 

@@ -122,7 +122,7 @@ def test_fixed_padding_equals_tf_same(size, kernel, stride):
 
 
 def test_photo_crop_boxes_are_deterministic_and_inside():
-    from fxq import photos
+    from tools import photos
 
     for w, h in ((256, 256), (640, 427), (427, 640), (6028, 3391)):
         boxes = photos.crop_boxes("x/y.jpg", w, h)
@@ -134,7 +134,7 @@ def test_photo_crop_boxes_are_deterministic_and_inside():
 
 def test_more_crops_continue_the_same_boxes():
     """more_photo_crops cuts boxes 8.. of the sequence whose first 8 are the cached crops: new crops only."""
-    from fxq import photos
+    from tools import photos
 
     more = photos.crop_boxes("x/y.jpg", 640, 427, n=24)
     assert more[: photos.CROPS_PER_PHOTO] == photos.crop_boxes("x/y.jpg", 640, 427)
@@ -144,7 +144,7 @@ def test_more_crops_continue_the_same_boxes():
 
 
 def test_photo_splits_are_disjoint():
-    from fxq import photos
+    from tools import photos
 
     if not photos.cache_path().is_file():
         pytest.skip("photos not fetched (make photos)")
@@ -227,7 +227,7 @@ def one_thread():
 def photo_crops():
     pytest.importorskip("skimage.data", reason="the calibration/eval photos need scikit-image")
     pytest.importorskip("sklearn.datasets", reason="the eval photos need scikit-learn")
-    from fxq import photos
+    from tools import photos
 
     calib, _ = photos.pip_photo_crops("calib")
     eval_x, names = photos.pip_photo_crops("eval")

@@ -1,9 +1,9 @@
-"""fxq.obq: Hessian-aware rounding on small problems against round-to-nearest."""
+"""fxq.passes.calibration.obq: Hessian-aware rounding on small problems against round-to-nearest."""
 from __future__ import annotations
 
 import torch
 
-from fxq.obq import damped, obq_round
+from fxq.passes.calibration.obq import damped, obq_round
 
 G = torch.Generator().manual_seed(0)
 

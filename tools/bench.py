@@ -22,7 +22,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "docs" / "bench"     # every bench tool writes its tables here
-sys.path.insert(0, str(ROOT / "tools"))
 
 import baselines  # noqa: E402
 

@@ -1,6 +1,6 @@
 """make bench (part 2): EfficientNet-Lite1 (ImageNet weights) quantized by every fxq target and by the
 baselines, scored without labels: top-1 agreement with the FP32 model and logit SQNR, on crops of real
-photographs (calibration and evaluation crops come from disjoint photos; see fxq/photos.py).
+photographs (calibration and evaluation crops come from disjoint photos; see tools/photos.py).
 
 Writes docs/bench/efficientnet.md/.json (or --out DIR; with --lowbit, efficientnet_lowbit.md/.json).
 With --lowbit, --methods LABEL... runs only those rows and merges them into the table already in
@@ -24,12 +24,11 @@ import onnxruntime
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 import baselines  # noqa: E402
 
 import fxq  # noqa: E402
-from fxq import photos  # noqa: E402
+import photos  # noqa: E402
 from fxq.errors import FxqError  # noqa: E402
 from fxq.evaluate import agreeing, batched, executor_codes  # noqa: E402
 from fxq.formats import IntRange, Rounding, quantize_np  # noqa: E402
@@ -362,7 +361,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"Measured {meta['date']} with `{meta['command']}` (torch {meta['torch']}, onnxruntime {meta['onnxruntime']})."]
     if any(r.get("more_crops_agreement") is not None for r in rows):
         out += ["", "Agreement on more crops: the same compiled model on further crops of the evaluation photos "
-                "(boxes 8.. of `fxq.photos.crop_boxes`; their count in brackets). The methods and options in "
+                "(boxes 8.. of `tools/photos.py: crop_boxes`; their count in brackets). The methods and options in "
                 "this table were chosen while looking at the first column's crops; these crops informed none of "
                 "the choices. Rows without it ran before the column existed."]
     if "fp32_margin_quantiles" in meta:

@@ -27,7 +27,6 @@ import onnxruntime
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 import baselines  # noqa: E402
 from bench import BENCH_DIR, fashion_mnist_split  # noqa: E402

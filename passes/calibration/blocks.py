@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from . import meta
-from .fakequant import _QWeighted
+from fxq import meta
+from fxq.fakequant import _QWeighted
 
 
 @dataclass
