@@ -31,7 +31,6 @@ from fxq import int_nonlinear as inl
 from fxq.errors import ExportError
 from fxq.formats import DTYPE_RANGES, codes_of, exp2, onnx_exact_rounding
 from fxq.ir import WEIGHTED_OPS, Graph, Node, Op, TensorType
-from fxq.ops import OPS
 
 from . import onnx_int_nonlinear
 
@@ -58,10 +57,6 @@ class _Builder:
         for n in g.nodes:
             for i in n.inputs:
                 self.consumers.setdefault(i, []).append(n)
-
-    @staticmethod
-    def spec(n: Node):
-        return OPS[n.op]
 
     def tensor(self, name: str) -> str:
         """The ONNX name of an IR tensor (the graph input has its fixed name)."""
@@ -202,7 +197,7 @@ def build(g: Graph, allow_inexact: bool = False, debug_outputs: bool = False) ->
                           f"could round; pass allow_inexact=True to export anyway")
     b = _Builder(g)
     for n in g.nodes:
-        OPS[n.op].emit(b, n)
+        n.spec.emit(b, n)
     in_t, out_t = g.input_type, g.types()[g.output]
     dims = lambda s: ["N" if d is None else d for d in s]  # noqa: E731
     graph = helper.make_graph(

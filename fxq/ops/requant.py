@@ -58,4 +58,4 @@ class Requant(OpSpec):
 
     def emit(self, b, n):
         acc = b.g.node(n.inputs[0])
-        b.spec(acc).emit_requantized(b, acc, n)
+        acc.spec.emit_requantized(b, acc, n)
